@@ -1,0 +1,41 @@
+"""Names of every file metaif writes, in one place (STYLE, kronfluence's constants)."""
+
+# metaif train
+TASKS_CSV = "tasks.csv"
+SPLIT_JSON = "class_split.json"
+METRICS_CSV = "metrics.csv"
+CHECKPOINT_LAST = "checkpoint_last.pt"
+MODEL_PT = "model.pt"
+CHECKPOINT_DIR = "checkpoints"
+RESULTS_JSON = "results.json"
+TRAIN_CONFIG_JSON = "train_config.json"
+WEIGHTS_PT = "weights.pt"
+TRAINING_CURVES_PNG = "training_curves.png"
+
+# metaif score
+TASK_SCORES_CSV = "task_scores.csv"
+INSTANCE_SCORES_CSV = "instance_scores.csv"
+TRAIN_BY_TEST_CSV = "train_by_test_scores.csv"
+IHVP_PT = "ihvp.pt"
+PRED_DELTA_LAM_PT = "pred_delta_lam.pt"
+SCORE_JSON = "score.json"
+SCORE_SETTINGS_JSON = "score_settings.json"
+SCORE_DISTRIBUTION_PNG = "score_distribution_{unit}.png"
+DETECTION_CURVE_PNG = "detection_curve_{unit}.png"
+INSTANCE_GRID_PNG = "instances_harmful_helpful.png"
+SHARD_DIR = "shards"
+
+# metaif prune-and-retrain
+PRUNE_RESULTS_CSV = "prune_results.csv"
+LOO_RESULTS_CSV = "loo_results.csv"
+LOO_SUMMARY_JSON = "loo_summary.json"
+MAIN_TABLE_CSV = "main_table.csv"
+MAIN_TABLE_MD = "main_table.md"
+ACCURACY_PNG = "accuracy_vs_fraction.png"
+PRED_VS_ACTUAL_PNG = "pred_vs_actual_{retrain}.png"
+RETRAIN_DIR = "retrains"
+
+# the sign convention, stated in every score column name (SPEC section 3)
+SCORE_COLUMN = "pred_delta_test_loss"
+
+FORMAT_VERSION = 1

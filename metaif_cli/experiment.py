@@ -1,0 +1,90 @@
+"""Build everything a run needs from a :class:`TrainConfig`: data, pools, model, learner.
+
+``metaif train``, ``score`` and ``prune-and-retrain`` all rebuild a run through
+:func:`build_experiment`, so a checkpoint plus its saved config is enough to
+reconstruct the model and the exact task pools (STYLE, nanoGPT's self-describing
+checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from metaif_cli.config import TrainConfig
+from metaif_cli.data.base import ImageDataset
+from metaif_cli.data.pool import TaskPool, build_pools
+from metaif_cli.data.registry import load_dataset
+from metaif_cli.errors import MetaifError
+from metaif_cli.meta.learner import MetaLearner
+from metaif_cli.models import MetaModel, build_model, params_of
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MetaifError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    """A dataset, its pools and a meta-learner, on one device and dtype."""
+
+    cfg: TrainConfig
+    dataset: ImageDataset
+    images: torch.Tensor  # [N, C, H, W] on device, in dtype
+    pools: dict[str, TaskPool]
+    model: MetaModel
+    learner: MetaLearner
+    device: torch.device
+    dtype: torch.dtype
+
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        """``lam`` at initialisation (drawn from the run's seed)."""
+        return params_of(self.model, self.dtype, self.device)
+
+
+def build_experiment(cfg: TrainConfig, device: str | None = None, dtype: str | None = None) -> Experiment:
+    """Load the dataset, draw the pools from ``cfg.seed`` and build the model and learner."""
+    dev = resolve_device(device or cfg.device)
+    dt = DTYPES[dtype or cfg.dtype]
+    dataset = load_dataset(
+        cfg.dataset.name,
+        Path(cfg.data.root).expanduser(),
+        image_size=cfg.dataset.image_size,
+        rotations=cfg.dataset.rotations,
+        download=cfg.dataset.download,
+        cache_dir=Path(cfg.data.cache).expanduser(),
+    )
+    pools = build_pools(dataset, cfg.dataset, cfg.corruption, cfg.seed)
+    model = build_model(cfg.model, dataset.image_shape, cfg.dataset.ways, cfg.seed).to(device=dev, dtype=dt)
+    log.info("dataset %s: %d images, %d classes; model %s with %d parameters", dataset.name,
+             len(dataset.labels), dataset.num_classes, cfg.model.name, sum(p.numel() for p in model.parameters()))
+    images = dataset.images.to(device=dev, dtype=dt)
+    return Experiment(cfg, dataset, images, pools, model, MetaLearner(model, cfg.meta), dev, dt)
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """The config as plain data, for checkpoints and JSON."""
+    return asdict(cfg)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """Rebuild a :class:`TrainConfig` saved by :func:`config_dict` (validated again)."""
+    from metaif_cli.config import (CorruptionConfig, DataConfig, DatasetConfig, MetaConfig, ModelConfig,
+                                   OptimConfig)
+
+    parts = {"data": DataConfig, "dataset": DatasetConfig, "corruption": CorruptionConfig, "model": ModelConfig,
+             "meta": MetaConfig, "optim": OptimConfig}
+    kwargs = {k: (parts[k](**v) if k in parts else v) for k, v in data.items()}
+    return TrainConfig(**kwargs)

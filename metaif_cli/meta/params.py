@@ -1,0 +1,55 @@
+"""Parameter dicts and flat vectors.
+
+Influence code works on flat vectors of all meta-parameters (SPEC section 2); the
+meta-learners work on dicts. :class:`FlatSpec` converts between the two in a fixed
+order, also under ``vmap``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class FlatSpec:
+    """Names and shapes of a parameter dict, in a fixed order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def of(cls, params: Mapping[str, Tensor]) -> "FlatSpec":
+        return cls(tuple(params), tuple(p.shape for p in params.values()))
+
+    @property
+    def numel(self) -> int:
+        return sum(int(torch.Size(s).numel()) for s in self.shapes)
+
+    def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Dict -> ``[P]`` vector (concatenated in ``names`` order)."""
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, vec: Tensor) -> Params:
+        """``[P]`` vector -> dict of tensors shaped as the spec."""
+        out, start = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            size = int(torch.Size(shape).numel())
+            out[name] = vec[start : start + size].reshape(shape)
+            start += size
+        return out
+
+
+def tree_add(a: Mapping[str, Tensor], b: Mapping[str, Tensor], scale: float = 1.0) -> Params:
+    """``a + scale * b`` key by key."""
+    return {k: a[k] + scale * b[k] for k in a}
+
+
+def tree_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    """Sum of elementwise products over all keys (a scalar tensor)."""
+    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]

@@ -1,0 +1,303 @@
+"""Evaluation metrics for influence scores: detection, ranking and agreement.
+
+Pure numpy/scipy, no plotting (figures live in ``metaif_cli.plots``).
+
+Sign convention (SPEC section 3): a score is ``pred_delta_test_loss``, the predicted
+change of the test loss if the unit is removed; negative = harmful, so the most harmful
+unit has the lowest score and is inspected first.
+
+- Detection of corrupted units (SPEC section 6, E1-E3): :func:`detection_curve`,
+  :func:`random_detection_curve`, :func:`detection_summary` (ROC AUC, average precision,
+  fraction of corrupted units found after inspecting 10/20/40% of the units).
+- Agreement with leave-one-out retraining (SPEC section 5, E4):
+  :func:`correlation_summary` (Pearson, Spearman, sign agreement of predicted vs actual
+  ``delta_test_loss``) and :func:`vector_agreement` (cosine and norm ratio of
+  ``pred_delta_lam`` vs actual ``delta_lam``).
+- Accuracy over seeds (SPEC section 6): :func:`mean_ci95`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "detection_curve",
+    "random_detection_curve",
+    "detection_summary",
+    "roc_auc",
+    "average_precision",
+    "correlation_summary",
+    "vector_agreement",
+    "mean_ci95",
+]
+
+
+def _as_scores_and_labels(
+    scores: np.ndarray, corrupted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and flatten a (scores, corrupted) pair."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    corrupted = np.asarray(corrupted).reshape(-1).astype(bool)
+    if scores.shape != corrupted.shape:
+        raise ValueError(
+            f"scores and corrupted must have the same length, got {scores.size} and "
+            f"{corrupted.size}; pass one corruption flag per scored unit."
+        )
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(
+            "scores contain NaN or inf; drop or fix the non-finite "
+            "pred_delta_test_loss values before evaluating detection."
+        )
+    return scores, corrupted
+
+
+def _curve_from_order(order: np.ndarray, corrupted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Detection curve for a given inspection order."""
+    n = corrupted.size
+    total = int(corrupted.sum())
+    x = np.arange(n + 1, dtype=np.float64) / max(n, 1)
+    if total == 0:
+        return x, np.full(n + 1, np.nan)
+    found = np.concatenate([[0], np.cumsum(corrupted[order])])
+    return x, found.astype(np.float64) / total
+
+
+def detection_curve(
+    scores: np.ndarray, corrupted: np.ndarray, *, harmful_low: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fraction of corrupted units found against fraction of units inspected.
+
+    Units are inspected most harmful first: ascending score when ``harmful_low`` (the
+    ``pred_delta_test_loss`` convention), descending otherwise (e.g. the ``loss``
+    baseline, where high = suspicious). Ties are broken stably by index.
+
+    Args:
+        scores: ``[n]`` scores of the units.
+        corrupted: ``[n]`` boolean flags, True where the unit is corrupted.
+        harmful_low: whether a lower score means more harmful.
+
+    Returns:
+        ``(x, y)``, each of length ``n + 1`` and starting at 0: ``x[k] = k / n`` is the
+        fraction inspected and ``y[k]`` the fraction of all corrupted units among the
+        first ``k`` inspected. ``y`` is all NaN when no unit is corrupted.
+    """
+    scores, corrupted = _as_scores_and_labels(scores, corrupted)
+    key = scores if harmful_low else -scores
+    order = np.argsort(key, kind="stable")
+    return _curve_from_order(order, corrupted)
+
+
+def random_detection_curve(
+    n: int, corrupted: np.ndarray, generator_seed: int, repeats: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expected detection curve of a random inspection order.
+
+    Args:
+        n: number of units (must equal ``len(corrupted)``).
+        corrupted: ``[n]`` boolean corruption flags.
+        generator_seed: seed of the numpy generator drawing the permutations.
+        repeats: number of random permutations averaged.
+
+    Returns:
+        ``(x, y)`` as in :func:`detection_curve`, ``y`` the mean over ``repeats``
+        seeded permutations.
+    """
+    corrupted = np.asarray(corrupted).reshape(-1).astype(bool)
+    if corrupted.size != n:
+        raise ValueError(f"n={n} but corrupted has {corrupted.size} entries; they must match.")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}.")
+    rng = np.random.default_rng(generator_seed)
+    ys = [_curve_from_order(rng.permutation(n), corrupted)[1] for _ in range(repeats)]
+    x = np.arange(n + 1, dtype=np.float64) / max(n, 1)
+    return x, np.mean(ys, axis=0)
+
+
+def roc_auc(harmfulness: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC of ``harmfulness`` for predicting ``positive`` (Mann-Whitney U).
+
+    Ties get average ranks, i.e. a tied (positive, negative) pair counts one half.
+
+    Args:
+        harmfulness: ``[n]`` scores, higher = more likely positive.
+        positive: ``[n]`` boolean labels.
+
+    Returns:
+        The AUC in [0, 1], NaN when there are no positives or no negatives.
+    """
+    harmfulness, positive = _as_scores_and_labels(harmfulness, positive)
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(harmfulness, method="average")
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def average_precision(harmfulness: np.ndarray, positive: np.ndarray) -> float:
+    """Average precision of ``harmfulness`` for predicting ``positive``.
+
+    ``AP = sum_t (R_t - R_{t-1}) P_t`` over the distinct score thresholds ``t`` in
+    decreasing order (the step-wise definition, as in scikit-learn): tied units enter
+    together, so the result does not depend on their order.
+
+    Args:
+        harmfulness: ``[n]`` scores, higher = more likely positive.
+        positive: ``[n]`` boolean labels.
+
+    Returns:
+        The AP in [0, 1], NaN when there are no positives.
+    """
+    harmfulness, positive = _as_scores_and_labels(harmfulness, positive)
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-harmfulness, kind="stable")
+    h = harmfulness[order]
+    y = positive[order].astype(np.float64)
+    # Last index of every block of tied scores: thresholds between distinct values.
+    ends = np.r_[np.flatnonzero(np.diff(h) != 0), h.size - 1]
+    tps = np.cumsum(y)[ends]
+    precision = tps / (ends + 1)
+    recall = tps / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def detection_summary(
+    scores: np.ndarray,
+    corrupted: np.ndarray,
+    fractions: Sequence[float] = (0.1, 0.2, 0.4),
+) -> dict[str, float]:
+    """ROC AUC, average precision and fraction found for one scoring method.
+
+    Harmfulness is ``-score`` (SPEC section 3: negative ``pred_delta_test_loss`` =
+    harmful). ``found_at_{100 f}`` is the detection curve of :func:`detection_curve`
+    read at fraction inspected ``f`` (linear interpolation between units when ``f * n``
+    is not a whole number).
+
+    Args:
+        scores: ``[n]`` ``pred_delta_test_loss`` values.
+        corrupted: ``[n]`` boolean corruption flags.
+        fractions: fractions of units inspected at which to report the fraction found.
+
+    Returns:
+        ``{"roc_auc", "average_precision", "found_at_10", "found_at_20", "found_at_40",
+        "n", "n_corrupted"}`` (one ``found_at_*`` key per fraction). The metrics are NaN,
+        not errors, when no unit or every unit is corrupted.
+    """
+    scores, corrupted = _as_scores_and_labels(scores, corrupted)
+    n = scores.size
+    n_corrupted = int(corrupted.sum())
+    degenerate = n_corrupted == 0 or n_corrupted == n
+    out: dict[str, float] = {
+        "roc_auc": float("nan") if degenerate else roc_auc(-scores, corrupted),
+        "average_precision": float("nan") if degenerate else average_precision(-scores, corrupted),
+    }
+    x, y = detection_curve(scores, corrupted) if not degenerate else (None, None)
+    for f in fractions:
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"fractions must lie in [0, 1], got {f}.")
+        key = f"found_at_{int(round(100 * f))}"
+        out[key] = float("nan") if degenerate else float(np.interp(f, x, y))
+    out["n"] = n
+    out["n_corrupted"] = n_corrupted
+    return out
+
+
+def correlation_summary(pred: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """Agreement of predicted and actual ``delta_test_loss`` (SPEC section 5).
+
+    Pairs where either value is non-finite are dropped.
+
+    Args:
+        pred: ``[n]`` predicted changes (``pred_delta_test_loss``).
+        actual: ``[n]`` changes measured by leave-one-out retraining.
+
+    Returns:
+        ``{"pearson", "spearman", "sign_agreement", "n"}``. ``sign_agreement`` is the
+        fraction of units whose predicted and actual changes have the same sign, over the
+        units whose actual change is not exactly zero. Correlations are NaN with fewer
+        than 2 pairs or a constant input.
+    """
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    actual = np.asarray(actual, dtype=np.float64).reshape(-1)
+    if pred.shape != actual.shape:
+        raise ValueError(
+            f"pred and actual must have the same length, got {pred.size} and {actual.size}."
+        )
+    keep = np.isfinite(pred) & np.isfinite(actual)
+    pred, actual = pred[keep], actual[keep]
+    n = int(pred.size)
+    pearson = spearman = float("nan")
+    if n >= 2 and np.ptp(pred) > 0 and np.ptp(actual) > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pearson = float(stats.pearsonr(pred, actual)[0])
+            spearman = float(stats.spearmanr(pred, actual)[0])
+    nonzero = actual != 0
+    sign_agreement = (
+        float(np.mean(np.sign(pred[nonzero]) == np.sign(actual[nonzero])))
+        if nonzero.any()
+        else float("nan")
+    )
+    return {"pearson": pearson, "spearman": spearman, "sign_agreement": sign_agreement, "n": n}
+
+
+def vector_agreement(
+    pred_vecs: np.ndarray, actual_vecs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine and norm ratio of ``pred_delta_lam`` vs actual ``delta_lam`` (SPEC section 5).
+
+    Args:
+        pred_vecs: ``[m, P]`` predicted parameter changes, one row per unit.
+        actual_vecs: ``[m, P]`` actual parameter changes from retraining.
+
+    Returns:
+        ``(cosine, norm_ratio)``, each ``[m]``: ``cos(pred_i, actual_i)`` and
+        ``||pred_i|| / ||actual_i||``. Cosine is NaN where either norm is zero; the ratio
+        is NaN where the actual norm is zero.
+    """
+    pred_vecs = np.asarray(pred_vecs, dtype=np.float64)
+    actual_vecs = np.asarray(actual_vecs, dtype=np.float64)
+    if pred_vecs.ndim == 1:
+        pred_vecs = pred_vecs[None, :]
+    if actual_vecs.ndim == 1:
+        actual_vecs = actual_vecs[None, :]
+    if pred_vecs.shape != actual_vecs.shape or pred_vecs.ndim != 2:
+        raise ValueError(
+            f"pred_vecs and actual_vecs must both be [m, P] with the same shape, got "
+            f"{pred_vecs.shape} and {actual_vecs.shape}."
+        )
+    p_norm = np.linalg.norm(pred_vecs, axis=1)
+    a_norm = np.linalg.norm(actual_vecs, axis=1)
+    dot = np.einsum("ij,ij->i", pred_vecs, actual_vecs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = p_norm * a_norm
+        cosine = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), np.nan)
+        ratio = np.where(a_norm > 0, p_norm / np.where(a_norm > 0, a_norm, 1.0), np.nan)
+    return cosine, ratio
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, float]:
+    """Mean and 95% normal-approximation half-width ``1.96 * std / sqrt(n)``.
+
+    Args:
+        values: ``[n]`` values, e.g. test accuracies over seeds.
+
+    Returns:
+        ``(mean, half_width)`` with the sample standard deviation (ddof=1); the
+        half-width is 0 for ``n < 2``; both are NaN for ``n == 0``.
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    n = values.size
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = float(values.mean())
+    if n < 2:
+        return mean, 0.0
+    return mean, float(1.96 * values.std(ddof=1) / np.sqrt(n))

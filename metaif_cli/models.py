@@ -1,0 +1,141 @@
+"""Networks as pure functions of a parameter dict (SPEC section 1, "Known trap").
+
+``build_model`` returns an ``nn.Module`` whose parameters are named ``body.*`` (feature
+extractor) and ``head.*`` (linear classifier). The meta-learners never mutate it: they
+call :func:`features` and :func:`logits` with a parameter dict through
+``torch.func.functional_call``. Normalisation layers are written with primitive tensor
+ops because ``torch.nn.functional.batch_norm`` gives wrong third-order derivatives and
+wrong meta-gradients under ``vmap``; they always use the statistics of the batch at
+hand (transductive, as in MAML) and keep no running buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metaif_cli.config import ModelConfig
+
+Params = dict[str, Tensor]
+
+
+class BatchNormPrimitive(nn.Module):
+    """Batch norm over (N, H, W) from mean and variance, safe under higher-order autodiff."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = [0] + list(range(2, x.ndim))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class GroupNormPrimitive(nn.Module):
+    """Group norm from mean and variance per (sample, group), safe under higher-order autodiff."""
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c = x.shape[:2]
+        g = x.reshape(n, self.groups, -1)  # [N, G, C/G * H * W]
+        mean = g.mean(dim=-1, keepdim=True)
+        var = ((g - mean) ** 2).mean(dim=-1, keepdim=True)
+        x = ((g - mean) / torch.sqrt(var + self.eps)).reshape(x.shape)
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+def _norm(cfg: ModelConfig, channels: int) -> nn.Module:
+    if cfg.norm == "batch":
+        return BatchNormPrimitive(channels)
+    if cfg.norm == "group":
+        return GroupNormPrimitive(cfg.groups, channels)
+    return nn.Identity()
+
+
+def _cnn_body(cfg: ModelConfig, in_channels: int) -> nn.Sequential:
+    """``cfg.layers`` blocks of conv3x3-norm-ReLU with max-pool (or stride 2, MAML's Omniglot net)."""
+    blocks: list[nn.Module] = []
+    channels = in_channels
+    for _ in range(cfg.layers):
+        stride = 2 if cfg.pool == "stride" else 1
+        blocks += [nn.Conv2d(channels, cfg.hidden, 3, stride=stride, padding=1), _norm(cfg, cfg.hidden), nn.ReLU()]
+        if cfg.pool == "max":
+            blocks.append(nn.MaxPool2d(2, ceil_mode=True))
+        channels = cfg.hidden
+    blocks.append(nn.Flatten())
+    return nn.Sequential(*blocks)
+
+
+def _mlp_body(cfg: ModelConfig, in_features: int) -> nn.Sequential:
+    blocks: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for _ in range(cfg.layers):
+        blocks += [nn.Linear(width, cfg.hidden), _norm(cfg, cfg.hidden), nn.ReLU()]
+        width = cfg.hidden
+    return nn.Sequential(*blocks)
+
+
+class MetaModel(nn.Module):
+    """``body`` (features) followed by a linear ``head`` (one logit per way)."""
+
+    def __init__(self, body: nn.Module, feature_dim: int, ways: int) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(feature_dim, ways)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], ways: int, seed: int) -> MetaModel:
+    """Build the network with parameters drawn from ``seed`` (float32, CPU)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        c, h, w = image_shape
+        body = _cnn_body(cfg, c) if cfg.name == "cnn4" else _mlp_body(cfg, c * h * w)
+        with torch.no_grad():
+            feature_dim = body(torch.zeros(2, c, h, w)).shape[1]
+        return MetaModel(body, feature_dim, ways)
+
+
+def params_of(model: nn.Module, dtype: torch.dtype, device: torch.device) -> Params:
+    """The model's parameters as a plain dict of detached tensors (the meta-parameters ``lam``)."""
+    return {k: v.detach().to(device=device, dtype=dtype).clone() for k, v in model.named_parameters()}
+
+
+def split_params(params: Mapping[str, Tensor]) -> tuple[Params, Params]:
+    """Split a parameter dict into its ``body.*`` and ``head.*`` parts (prefixes kept)."""
+    body = {k: v for k, v in params.items() if k.startswith("body.")}
+    head = {k: v for k, v in params.items() if k.startswith("head.")}
+    return body, head
+
+
+def features(model: MetaModel, body_params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """Body forward pass with ``body.*`` parameters: ``[B, C, H, W] -> [B, D]``."""
+    stripped = {k[len("body."):]: v for k, v in body_params.items()}
+    return functional_call(model.body, stripped, (x,))
+
+
+def head_logits(head_params: Mapping[str, Tensor], feats: Tensor) -> Tensor:
+    """Linear head ``[B, D] -> [B, ways]`` from ``head.weight`` and ``head.bias``."""
+    return feats @ head_params["head.weight"].T + head_params["head.bias"]
+
+
+def logits(model: MetaModel, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """Full forward pass with a parameter dict: ``[B, C, H, W] -> [B, ways]``."""
+    body, head = split_params(params)
+    return head_logits(head, features(model, body, x))

@@ -1,0 +1,190 @@
+"""The meta-training loop: seeded meta-batches, checkpoints, resume (SPEC section 1).
+
+Minimises ``F(lam; w, u, v) = (1/n) sum_k w_k L_Q^k + (delta_reg/2)||lam||^2`` with
+meta-batches drawn from a seeded generator. The same function trains the original
+model and every retraining of ``prune-and-retrain``: removed units have weight 0 and
+the batch order is unchanged. An interrupted run resumes from ``checkpoint_last.pt``
+and ends with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import metaif_cli
+from metaif_cli import constants as C
+from metaif_cli.errors import MetaifError
+from metaif_cli.experiment import Experiment, config_dict
+from metaif_cli.io import load_json, save_csv, save_json, save_torch
+from metaif_cli.meta.params import Params
+from metaif_cli.metrics import mean_ci95
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PoolWeights:
+    """Weights of the training pool: ``w [n]``, ``u [n,S]``, ``v [n,Q]`` (SPEC section 1)."""
+
+    w: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def ones(cls, n: int, s: int, q: int) -> "PoolWeights":
+        return cls(torch.ones(n), torch.ones(n, s), torch.ones(n, q))
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"w": self.w, "u": self.u, "v": self.v}
+
+
+def checkpoint_steps(steps: int, num: int) -> list[int]:
+    """Steps at which intermediate checkpoints are kept (evenly spaced, last = final)."""
+    return sorted({max(1, round(steps * i / num)) for i in range(1, num + 1)}) if num else []
+
+
+def _make_optimizer(params: list[torch.Tensor], exp: Experiment) -> torch.optim.Optimizer:
+    o = exp.cfg.optim
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=o.lr)
+    return torch.optim.SGD(params, lr=o.lr)
+
+
+def evaluate_split(exp: Experiment, lam: Params, split: str) -> dict[str, float]:
+    """Mean query loss and accuracy (with 95% intervals) over a split's tasks after adaptation."""
+    batch = exp.pools[split].batch(exp.images.cpu()).to(exp.device, exp.dtype)
+    losses, accs = exp.learner.evaluate(lam, batch)
+    acc, acc_ci = mean_ci95(accs.double().cpu().numpy())
+    loss, loss_ci = mean_ci95(losses.double().cpu().numpy())
+    return {f"{split}_acc": acc, f"{split}_acc_ci95": acc_ci, f"{split}_loss": loss, f"{split}_loss_ci95": loss_ci}
+
+
+def _state(step, lam, opt, gen, metrics, elapsed, exp, weights) -> dict:
+    return {"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg), "step": step,
+            "lam": {k: v.detach().cpu() for k, v in lam.items()}, "optimizer": opt.state_dict(),
+            "generator": gen.get_state(), "metrics": metrics, "elapsed": elapsed,
+            "weights": weights.as_dict(),
+            "model_args": {"image_shape": list(exp.dataset.image_shape), "ways": exp.cfg.dataset.ways}}
+
+
+def _same_setup(saved: dict, exp: Experiment, weights: PoolWeights) -> bool:
+    ignore = {"progress", "device"}
+    a = {k: v for k, v in saved["config"].items() if k not in ignore}
+    b = {k: v for k, v in config_dict(exp.cfg).items() if k not in ignore}
+    return a == b and all(torch.equal(saved["weights"][k], t) for k, t in weights.as_dict().items())
+
+
+def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, init_lam: Params | None = None,
+          steps: int | None = None) -> dict:
+    """Meta-train (or resume) in ``run_dir``; return the ``results.json`` content.
+
+    Args:
+        exp: the experiment (data, pools, learner).
+        run_dir: where checkpoints, ``metrics.csv`` and ``results.json`` go.
+        weights: pool weights (removal = 0); unit weights by default.
+        init_lam: start here instead of the seeded initialisation (warm retraining).
+        steps: number of outer steps (default ``optim.steps``).
+    """
+    cfg, o = exp.cfg, exp.cfg.optim
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pool = exp.pools["train"]
+    n, s, q = len(pool), pool.spt_idx.shape[1], pool.qry_idx.shape[1]
+    weights = weights or PoolWeights.ones(n, s, q)
+    steps = steps or o.steps
+    results_path, last_path = run_dir / C.RESULTS_JSON, run_dir / C.CHECKPOINT_LAST
+    if results_path.exists() and last_path.exists():
+        if _same_setup(torch.load(last_path, weights_only=False), exp, weights):
+            log.info("run in %s is complete; nothing to do", run_dir)
+            return load_json(results_path)
+    lam = {k: v.clone() for k, v in (init_lam or exp.initial_params()).items()}
+    leaves = [t.requires_grad_(False) for t in lam.values()]
+    opt = _make_optimizer(leaves, exp)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    start, metrics, elapsed = 0, [], 0.0
+    if last_path.exists():
+        saved = torch.load(last_path, weights_only=False)
+        if not _same_setup(saved, exp, weights):
+            raise MetaifError(f"{run_dir} holds a run with different settings; choose another hydra.run.dir "
+                              "or delete that directory")
+        for k in lam:
+            lam[k].copy_(saved["lam"][k].to(lam[k]))
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        start, metrics, elapsed = saved["step"], saved["metrics"], saved["elapsed"]
+        log.info("resuming %s from step %d", run_dir, start)
+    keep = set(checkpoint_steps(steps, o.num_checkpoints))
+    images = exp.images
+    w, u, v = (t.to(exp.device, exp.dtype) for t in (weights.w, weights.u, weights.v))
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="meta-train", disable=not cfg.progress,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in bar:
+        idx = torch.randperm(n, generator=gen)[: o.meta_batch_size]
+        batch = pool.batch(images, idx.to(images.device) if images.is_cuda else idx)
+        batch = batch.with_weights(w=w[idx], u=u[idx], v=v[idx])
+        grads, losses = exp.learner.meta_gradient(lam, batch)
+        loss = float((batch.w * losses).sum() / len(batch))
+        if not math.isfinite(loss):
+            raise MetaifError(f"training diverged: loss is {loss} at step {step + 1}; lower optim.lr or meta.inner_lr")
+        for k, t in lam.items():
+            t.grad = grads[k] + o.delta_reg * t
+        opt.step()
+        done = step + 1
+        row = {"step": done, "train_loss": loss}
+        if done % o.eval_every == 0 or done == steps:
+            row.update({k: v_ for k, v_ in evaluate_split(exp, lam, "val").items() if "ci95" not in k})
+            bar.set_postfix(loss=f"{loss:.3f}", val_acc=f"{row['val_acc']:.3f}")
+        else:
+            bar.set_postfix(loss=f"{loss:.3f}")
+        metrics.append(row)
+        if done in keep:
+            save_torch({"step": done, "lam": {k: t.detach().cpu() for k, t in lam.items()},
+                        "lr": opt.param_groups[0]["lr"]}, run_dir / C.CHECKPOINT_DIR / f"step_{done:06d}.pt")
+        if done % o.checkpoint_every == 0 or done == steps:
+            now = elapsed + time.perf_counter() - t0
+            save_torch(_state(done, lam, opt, gen, metrics, now, exp, weights), last_path)
+            save_csv(pd.DataFrame(metrics), run_dir / C.METRICS_CSV)
+    elapsed += time.perf_counter() - t0
+    bar.close()
+    return _finish(exp, run_dir, lam, elapsed, steps)
+
+
+def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: int) -> dict:
+    """Evaluate on the meta-test pool and write ``model.pt`` and ``results.json``."""
+    test = evaluate_split(exp, lam, "test")
+    save_torch({"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg),
+                "lam": {k: v.detach().cpu() for k, v in lam.items()},
+                "model_args": {"image_shape": list(exp.dataset.image_shape), "ways": exp.cfg.dataset.ways}},
+               run_dir / C.MODEL_PT)
+    results = {**test, "train_seconds": elapsed, "steps": steps, "seed": exp.cfg.seed,
+               "device": str(exp.device), "dtype": str(exp.dtype).replace("torch.", ""),
+               "versions": {"metaif": metaif_cli.__version__, "torch": torch.__version__,
+                            "python": platform.python_version()}}
+    save_json(results, run_dir / C.RESULTS_JSON)
+    log.info("meta-test accuracy %.4f +- %.4f (loss %.4f) after %.1f s", test["test_acc"], test["test_acc_ci95"],
+             test["test_loss"], elapsed)
+    return results
+
+
+def load_trained(run_dir: Path) -> dict:
+    """Read ``model.pt`` of a finished run, or explain what is missing."""
+    path = run_dir / C.MODEL_PT
+    if not run_dir.is_dir():
+        raise MetaifError(f"run directory {run_dir} does not exist; pass run=<a directory written by metaif train>")
+    if not path.exists() or not (run_dir / C.RESULTS_JSON).exists():
+        raise MetaifError(f"{run_dir} holds no finished training run ({C.MODEL_PT} or {C.RESULTS_JSON} missing); "
+                          "finish it by rerunning the same metaif train command")
+    saved = torch.load(path, weights_only=False)
+    if saved.get("format_version") != C.FORMAT_VERSION:
+        raise MetaifError(f"{path} was written by an incompatible metaif version "
+                          f"(format {saved.get('format_version')}, expected {C.FORMAT_VERSION}); retrain it")
+    return saved

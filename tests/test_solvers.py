@@ -1,0 +1,226 @@
+"""iHVP solvers (SPEC section 2) against the dense float64 oracle on tiny matrices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaif_cli.errors import MetaifError
+from metaif_cli.influence.solvers import (
+    SolveResult,
+    build_dense_hessian,
+    check_converged,
+    power_iteration,
+    solve,
+    solve_cg,
+    solve_dense,
+    solve_lissa,
+    solve_neumann,
+)
+
+P = 20
+DT = torch.float64
+
+
+def _sym_with_spectrum(eigenvalues: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g, dtype=DT))
+    m = q @ torch.diag(eigenvalues.to(DT)) @ q.T  # [P, P]
+    return (m + m.T) / 2
+
+
+def _hvp(m: torch.Tensor):
+    return lambda v: m @ v
+
+
+def _true_residual(m: torch.Tensor, damping: float, x: torch.Tensor, b: torch.Tensor) -> float:
+    a = m + damping * torch.eye(len(b), dtype=DT)
+    return float(torch.linalg.norm(a @ x - b) / torch.linalg.norm(b))
+
+
+# Spectrum in [0.5, 5] plus a gapped top eigenvalue 10: SPD, condition number 20.
+SPECTRUM = torch.cat([torch.linspace(0.5, 5.0, P - 1, dtype=DT), torch.tensor([10.0], dtype=DT)])
+
+
+@pytest.fixture
+def spd() -> torch.Tensor:
+    return _sym_with_spectrum(SPECTRUM, seed=0)
+
+
+@pytest.fixture
+def b() -> torch.Tensor:
+    return torch.randn(P, generator=torch.Generator().manual_seed(1), dtype=DT)
+
+
+def test_build_dense_hessian_recovers_matrix(spd):
+    h = build_dense_hessian(_hvp(spd), P, DT, "cpu")
+    torch.testing.assert_close(h, spd, rtol=0, atol=1e-12)
+
+
+def test_dense_matches_linalg_solve(spd, b):
+    res = solve_dense(_hvp(spd), b, damping=0.0)
+    torch.testing.assert_close(res.x, torch.linalg.solve(spd, b), rtol=1e-10, atol=1e-12)
+    assert res.converged and res.method == "dense" and res.iterations == P
+    assert res.residual == pytest.approx(_true_residual(spd, 0.0, res.x, b), abs=1e-14)
+    assert res.residual < 1e-12
+
+
+def test_dense_singular_falls_back_to_least_squares(b):
+    eig = torch.cat([torch.zeros(3, dtype=DT), torch.linspace(1.0, 4.0, P - 3, dtype=DT)])
+    m = _sym_with_spectrum(eig, seed=2)
+    res = solve_dense(_hvp(m), b, damping=0.0)
+    assert not res.converged
+    torch.testing.assert_close(res.x, torch.linalg.pinv(m, hermitian=True) @ b, rtol=1e-8, atol=1e-8)
+
+
+def test_dense_keeps_dtype(spd, b):
+    res = solve_dense(_hvp(spd.float()), b.float(), damping=0.1)
+    assert res.x.dtype == torch.float32 and res.x.shape == b.shape
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.3])
+def test_cg_matches_dense(spd, b, damping):
+    oracle = solve_dense(_hvp(spd), b, damping)
+    res = solve_cg(_hvp(spd), b, damping, max_iter=100, tol=1e-10)
+    assert res.converged and res.method == "cg"
+    assert res.iterations <= 3 * P
+    torch.testing.assert_close(res.x, oracle.x, rtol=1e-8, atol=1e-9)
+    assert res.residual == pytest.approx(_true_residual(spd, damping, res.x, b), rel=1e-6, abs=1e-15)
+    assert res.residual <= 1e-10
+
+
+def test_damping_equals_shifted_matrix(spd, b):
+    d = 0.7
+    shifted = spd + d * torch.eye(P, dtype=DT)
+    for method in ("dense", "cg", "neumann"):
+        kwargs = {"terms": 400} if method == "neumann" else {}
+        damped = solve(method, _hvp(spd), b, d, **kwargs)
+        plain = solve(method, _hvp(shifted), b, 0.0, **kwargs)
+        torch.testing.assert_close(damped.x, plain.x, rtol=1e-8, atol=1e-9)
+
+
+def test_damping_makes_indefinite_solvable(b):
+    eig = torch.linspace(-1.0, 5.0, P, dtype=DT)
+    m = _sym_with_spectrum(eig, seed=3)
+    res = solve_cg(_hvp(m), b, damping=2.0, tol=1e-10)
+    assert res.converged
+    torch.testing.assert_close(res.x, torch.linalg.solve(m + 2.0 * torch.eye(P, dtype=DT), b))
+
+
+def test_power_iteration_largest_eigenvalue(spd):
+    g = torch.Generator().manual_seed(5)
+    lam = power_iteration(_hvp(spd), P, DT, "cpu", iters=20, generator=g)
+    assert lam == pytest.approx(10.0, rel=1e-2)
+
+
+def test_power_iteration_absolute_value_on_indefinite():
+    eig = torch.cat([torch.tensor([-12.0], dtype=DT), torch.linspace(-3.0, 4.0, P - 1, dtype=DT)])
+    m = _sym_with_spectrum(eig, seed=4)
+    lam = power_iteration(_hvp(m), P, DT, "cpu", iters=30, generator=torch.Generator().manual_seed(0))
+    assert lam == pytest.approx(12.0, rel=1e-2)
+
+
+def test_neumann_matches_dense(spd, b):
+    oracle = solve_dense(_hvp(spd), b, 0.1)
+    res = solve_neumann(_hvp(spd), b, 0.1, terms=400, generator=torch.Generator().manual_seed(0))
+    assert res.method == "neumann" and res.iterations == 399
+    assert res.eigenvalue_max == pytest.approx(10.1, rel=1e-2)
+    torch.testing.assert_close(res.x, oracle.x, rtol=1e-7, atol=1e-8)
+    assert res.residual == pytest.approx(_true_residual(spd, 0.1, res.x, b), rel=1e-6)
+    assert res.converged
+
+
+def test_neumann_explicit_scale(spd, b):
+    res = solve_neumann(_hvp(spd), b, 0.0, terms=500, scale=12.0)
+    assert res.eigenvalue_max is None
+    torch.testing.assert_close(res.x, torch.linalg.solve(spd, b), rtol=1e-7, atol=1e-8)
+
+
+def test_neumann_too_few_terms_reports_honest_residual(spd, b):
+    res = solve_neumann(_hvp(spd), b, 0.0, terms=5, tol=1e-3)
+    assert res.residual == pytest.approx(_true_residual(spd, 0.0, res.x, b), rel=1e-10)
+    assert res.residual > 1e-3 and not res.converged
+    with pytest.raises(MetaifError, match="neumann.*solver.terms"):
+        check_converged(res, 1e-3)
+
+
+def test_neumann_diverges_on_indefinite(b):
+    m = _sym_with_spectrum(torch.linspace(-2.0, 5.0, P, dtype=DT), seed=6)
+    res = solve_neumann(_hvp(m), b, 0.0, terms=200)
+    assert not res.converged and res.residual > 1.0
+
+
+def _task_matrices(n_tasks: int = 8) -> torch.Tensor:
+    base = _sym_with_spectrum(torch.linspace(1.0, 4.0, P, dtype=DT), seed=7)
+    g = torch.Generator().manual_seed(8)
+    noise = torch.randn(n_tasks, P, P, generator=g, dtype=DT) * 0.1
+    return base + noise @ noise.transpose(1, 2)  # [T, P, P], each SPD
+
+
+def test_lissa_matches_dense(b):
+    tasks = _task_matrices()
+    full = tasks.mean(0)
+
+    def hvp_on_subset(v: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randperm(len(tasks), generator=gen)[:4]
+        return tasks[idx].mean(0) @ v
+
+    oracle = solve_dense(_hvp(full), b, 0.1)
+    res = solve_lissa(hvp_on_subset, b, 0.1, depth=300, repeats=8,
+                      generator=torch.Generator().manual_seed(0), power_hvp=_hvp(full))
+    assert res.method == "lissa" and res.iterations == 300 * 8
+    assert res.residual == pytest.approx(_true_residual(full, 0.1, res.x, b), rel=1e-8)
+    rel_err = float(torch.linalg.norm(res.x - oracle.x) / torch.linalg.norm(oracle.x))
+    assert rel_err < 0.05
+    # Deterministic given the generator.
+    again = solve_lissa(hvp_on_subset, b, 0.1, depth=300, repeats=8,
+                        generator=torch.Generator().manual_seed(0), power_hvp=_hvp(full))
+    torch.testing.assert_close(again.x, res.x, rtol=0, atol=0)
+
+
+def test_lissa_exact_hvp_equals_neumann(spd, b):
+    res = solve_lissa(lambda v, gen: spd @ v, b, 0.0, depth=500, scale=11.0)
+    torch.testing.assert_close(res.x, torch.linalg.solve(spd, b), rtol=1e-8, atol=1e-9)
+    assert res.converged
+
+
+def test_cg_indefinite_reports_not_converged(b):
+    eig = torch.cat([torch.linspace(-10.0, -1.0, 15, dtype=DT), torch.linspace(1.0, 3.0, P - 15, dtype=DT)])
+    m = _sym_with_spectrum(eig, seed=9)
+    res = solve_cg(_hvp(m), b, 0.0, max_iter=100, tol=1e-6)
+    assert not res.converged
+    assert res.residual == pytest.approx(_true_residual(m, 0.0, res.x, b), rel=1e-10)
+    assert res.residual > 1e-6
+    with pytest.raises(MetaifError) as info:
+        check_converged(res, 1e-6)
+    assert f"{res.residual:.1e}" in str(info.value)
+    assert "'cg'" in str(info.value) and "solver.allow_unconverged=true" in str(info.value)
+
+
+def test_check_converged_message_and_pass():
+    res = SolveResult(x=torch.zeros(3), iterations=100, residual=0.32, converged=False, method="cg")
+    with pytest.raises(MetaifError) as info:
+        check_converged(res, 1e-3)
+    assert str(info.value) == (
+        "iHVP solver 'cg' did not converge: relative residual 3.2e-01 > tol 1e-03 after 100 "
+        "iterations; raise solver.max_iter, add hessian.damping, or set solver.allow_unconverged=true"
+    )
+    check_converged(SolveResult(torch.zeros(3), 5, 1e-8, True, "cg"), 1e-6)
+    with pytest.raises(MetaifError):
+        check_converged(SolveResult(torch.zeros(3), 5, float("nan"), False, "cg"), 1e-6)
+
+
+def test_unknown_method_raises():
+    with pytest.raises(MetaifError, match="dense, cg, neumann, lissa"):
+        solve("gmres", _hvp(torch.eye(2, dtype=DT)), torch.ones(2, dtype=DT), 0.0)
+
+
+def test_solve_dispatch_and_progress(spd, b):
+    res = solve("cg", _hvp(spd), b, 0.0, tol=1e-10, progress=True)
+    torch.testing.assert_close(res.x, solve_cg(_hvp(spd), b, 0.0, tol=1e-10).x)
+
+
+def test_cg_zero_rhs(spd):
+    res = solve_cg(_hvp(spd), torch.zeros(P, dtype=DT), 0.0)
+    assert res.converged and res.iterations == 0 and res.residual == 0.0
+    assert torch.count_nonzero(res.x) == 0
