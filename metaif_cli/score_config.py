@@ -20,10 +20,16 @@ class HessianConfig:
     """The total Hessian ``H`` (SPEC section 2): form, damping ``delta``, Gamma scale ``c``.
 
     ``num_tasks``: estimate ``H`` on a seeded subsample of training tasks (null = all).
+    ``auto_damping``: meta-training rarely ends at a minimum and ``H`` is often indefinite;
+    when true, the extreme eigenvalues are estimated by ``lanczos_iters`` Lanczos steps and
+    the damping raised to ``damping + 1.1 * max(0, -lambda_min)`` so ``H + delta I`` is
+    positive definite (the value used is reported in ``score.json``).
     """
 
     form: str = "exact"
     damping: float = 0.01
+    auto_damping: bool = True
+    lanczos_iters: int = 20
     gamma_scale: float = 1.0
     num_tasks: Optional[int] = None
 

@@ -155,14 +155,14 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
             save_csv(pd.DataFrame(metrics), run_dir / C.METRICS_CSV)
     elapsed += time.perf_counter() - t0
     bar.close()
-    return _finish(exp, run_dir, lam, elapsed, steps)
+    return _finish(exp, run_dir, lam, elapsed, steps, weights)
 
 
-def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: int) -> dict:
+def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: int, weights: PoolWeights) -> dict:
     """Evaluate on the meta-test pool and write ``model.pt`` and ``results.json``."""
     test = evaluate_split(exp, lam, "test")
     save_torch({"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg),
-                "lam": {k: v.detach().cpu() for k, v in lam.items()},
+                "lam": {k: v.detach().cpu() for k, v in lam.items()}, "weights": weights.as_dict(),
                 "model_args": {"image_shape": list(exp.dataset.image_shape), "ways": exp.cfg.dataset.ways}},
                run_dir / C.MODEL_PT)
     results = {**test, "train_seconds": elapsed, "steps": steps, "seed": exp.cfg.seed,

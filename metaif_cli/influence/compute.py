@@ -1,0 +1,207 @@
+"""Influence scores and baselines for every unit of a training pool (SPEC sections 2-4).
+
+``compute_scores`` runs one method end to end on a built problem:
+
+- ``if``: ``s = (H + delta I)^{-1} D f`` by the configured solver, then one pass over the
+  tasks (:meth:`Problem.unit_scores`);
+- ``grad_sim``: ``s = D f`` (identity Hessian);
+- ``direct_if``: ``if`` on the problem without adaptation (the paper's Direct-IF);
+- ``tracin``: ``sum_c lr_c (1/n) D f(lam_c)^T D L(lam_c)`` over the saved checkpoints;
+- ``loss``: minus the loss of the unit after adaptation (high loss = suspicious);
+- ``random``: seeded uniform scores.
+
+All scores follow one convention: negative = harmful, most negative first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from metaif_cli.errors import MetaifError
+from metaif_cli.influence import solvers
+from metaif_cli.influence.problem import Problem, UnitScores
+from metaif_cli.score_config import ScoreConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreOutput:
+    """Scores plus what produced them: ``s``, solver report, timings."""
+
+    scores: UnitScores
+    s: Tensor | None = None
+    solve: solvers.SolveResult | None = None
+    curvature: "Curvature | None" = None
+    eval_value: float | None = None
+    train_by_test: Tensor | None = None  # [n, T] task scores per evaluation task
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def hessian_index(n: int, cfg: ScoreConfig) -> Tensor:
+    """Training tasks the Hessian is estimated on: all, or a seeded subsample (``hessian.num_tasks``)."""
+    m = cfg.hessian.num_tasks
+    if m is None or m >= n:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return torch.sort(torch.randperm(n, generator=gen)[:m]).values
+
+
+def make_hvp(problem: Problem, theta: Tensor, cfg: ScoreConfig, index: Tensor) -> tuple[Callable, Callable, float | None]:
+    """The undamped total-Hessian product, its sub-sampled version (LiSSA) and Gamma."""
+    form = "exact" if cfg.hessian.form == "exact" else "no_third_order"
+    gamma = None
+    if cfg.hessian.form == "gamma":
+        gamma = cfg.hessian.gamma_scale * problem.gamma(theta, index)
+
+    def hvp(vec: Tensor) -> Tensor:
+        out = problem.hvp(theta, vec, index, form)
+        return out + gamma * vec if gamma is not None else out
+
+    def hvp_subset(vec: Tensor, gen: torch.Generator) -> Tensor:
+        pick = index[torch.randperm(len(index), generator=gen)[: cfg.solver.lissa_tasks]]
+        out = problem.hvp(theta, vec, pick, form)
+        return out + gamma * vec if gamma is not None else out
+
+    return hvp, hvp_subset, gamma
+
+
+@dataclass
+class Curvature:
+    """What was learnt about ``H``: Lanczos extremes, the damping used, Gamma."""
+
+    damping: float
+    eigenvalue_min: float | None = None
+    eigenvalue_max: float | None = None
+    gamma: float | None = None
+
+
+def choose_damping(problem: Problem, theta: Tensor, cfg: ScoreConfig) -> Curvature:
+    """The damping ``delta``: configured, raised above ``-lambda_min`` when ``auto_damping``."""
+    index = hessian_index(problem.n, cfg)
+    hvp, _, gamma = make_hvp(problem, theta, cfg, index)
+    if not cfg.hessian.auto_damping:
+        return Curvature(cfg.hessian.damping, gamma=gamma)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    lo, hi = solvers.lanczos_extremes(hvp, theta.numel(), theta.dtype, theta.device, cfg.hessian.lanczos_iters, gen)
+    damping = cfg.hessian.damping + 1.1 * max(0.0, -lo)
+    log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", lo, hi, damping)
+    return Curvature(damping, lo, hi, gamma)
+
+
+def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: ScoreConfig,
+               curvature: Curvature | None = None) -> tuple[solvers.SolveResult, Curvature]:
+    """``(H + delta I)^{-1} b`` with the configured Hessian form and solver; refuses an unconverged solve."""
+    curvature = curvature or choose_damping(problem, theta, cfg)
+    index = hessian_index(problem.n, cfg)
+    hvp, hvp_subset, _ = make_hvp(problem, theta, cfg, index)
+    sc, damping = cfg.solver, curvature.damping
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if sc.name == "dense":
+        result = solvers.solve_dense(hvp, b, damping)
+    elif sc.name == "cg":
+        result = solvers.solve_cg(hvp, b, damping, max_iter=sc.max_iter, tol=sc.tol, progress=cfg.progress)
+    elif sc.name == "neumann":
+        result = solvers.solve_neumann(hvp, b, damping, terms=sc.terms, power_iters=sc.power_iters, generator=gen,
+                                       tol=sc.tol, progress=cfg.progress)
+    else:
+        result = solvers.solve_lissa(hvp_subset, b, damping, depth=sc.depth, repeats=sc.repeats, generator=gen,
+                                     power_hvp=hvp, tol=sc.tol, progress=cfg.progress)
+    if not sc.allow_unconverged:
+        solvers.check_converged(result, sc.tol)
+    elif not result.converged:
+        log.warning("iHVP solver %s did not converge (relative residual %.3g); using it anyway", sc.name,
+                    result.residual)
+    return result, curvature
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise MetaifError(f"{name} contains NaN or inf: the trained model or data is broken; check the training "
+                          "run's metrics.csv, or score in dtype=float64")
+
+
+def influence(problem: Problem, theta: Tensor, cfg: ScoreConfig, use_solver: bool = True,
+              index: Tensor | None = None) -> ScoreOutput:
+    """``if``/``direct_if`` (``use_solver``) or ``grad_sim``: one ``s``, one pass over the tasks.
+
+    ``index`` restricts the pass to some training tasks (a shard); ``s`` always uses all of them.
+    """
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    values, grads = problem.eval_grad(theta)  # [T], [T, P]
+    b = grads.mean(0)
+    _check_finite("the evaluation gradient D f", b)
+    times["eval_grad"] = time.perf_counter() - t0
+    result, curvature, train_by_test = None, None, None
+    t0 = time.perf_counter()
+    if use_solver:
+        curvature = choose_damping(problem, theta, cfg)
+        times["curvature"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result, curvature = solve_ihvp(problem, theta, b, cfg, curvature)
+        s = result.x
+    else:
+        s = b
+    times["solve"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = problem.unit_scores(theta, s, index)
+    times["score_units"] = time.perf_counter() - t0
+    if cfg.evaluation.kind == "per_task":
+        t0 = time.perf_counter()
+        cols = []
+        for g in grads:
+            st = solve_ihvp(problem, theta, g, cfg, curvature)[0].x if use_solver else g
+            cols.append(problem.unit_scores(theta, st, index).task)
+        train_by_test = torch.stack(cols, 1)  # [n, T]
+        times["per_task"] = time.perf_counter() - t0
+    _check_finite("the scores", scores.task)
+    return ScoreOutput(scores, s, result, curvature, float(values.mean()), train_by_test, times)
+
+
+def tracin(make_problem: Callable[[], Problem], checkpoints: list[tuple[Tensor, float]],
+           index: Tensor | None = None) -> ScoreOutput:
+    """TracIn over checkpoints ``(theta_c, lr_c)``: ``sum_c lr_c s_c^T d_w grad F`` with ``s_c = D f(theta_c)``."""
+    t0 = time.perf_counter()
+    total: UnitScores | None = None
+    for theta, lr in checkpoints:
+        problem = make_problem()
+        s = problem.eval_grad(theta)[1].mean(0) * lr
+        sc = problem.unit_scores(theta, s, index)
+        total = sc if total is None else UnitScores(total.task + sc.task, total.query + sc.query,
+                                                    total.support + sc.support)
+    if total is None:
+        raise MetaifError("method=tracin needs the intermediate checkpoints of the training run; retrain with "
+                          "optim.num_checkpoints > 0")
+    return ScoreOutput(total, seconds={"tracin": time.perf_counter() - t0})
+
+
+def loss_baseline(problem: Problem, theta: Tensor) -> ScoreOutput:
+    """Minus the loss of each unit after adaptation: high loss ranks as most harmful."""
+    from metaif_cli.influence.outer import instance_values
+
+    t0 = time.perf_counter()
+    learner, spec = problem.learner, problem.spec
+
+    def one(th, x_spt, y_spt, u, x_qry, y_qry, v):
+        phi = learner.adapt(spec.unflatten(th), x_spt, y_spt, u)
+        return (instance_values(learner, phi, x_qry, y_qry).detach(),
+                instance_values(learner, phi, x_spt, y_spt).detach())
+
+    query, support = problem.map_tasks(one, problem.train, theta)
+    task = (problem.train.v * query).sum(1) / query.shape[1]
+    return ScoreOutput(UnitScores(-task, -query, -support), seconds={"loss": time.perf_counter() - t0})
+
+
+def random_baseline(n: int, s: int, q: int, seed: int) -> ScoreOutput:
+    """Seeded uniform scores in ``[-1, 0)``."""
+    gen = torch.Generator().manual_seed(seed)
+    return ScoreOutput(UnitScores(-torch.rand(n, generator=gen, dtype=torch.float64),
+                                  -torch.rand(n, q, generator=gen, dtype=torch.float64),
+                                  -torch.rand(n, s, generator=gen, dtype=torch.float64)))

@@ -1,0 +1,151 @@
+"""The ``metaif score`` pipeline: settings check, shards, torchrun, outputs (SPEC section 3).
+
+One process: score every task, write the outputs. ``shard=i/k``: score a contiguous
+slice of the tasks into ``shards/shard_i_of_k.pt``; when the last shard of ``k`` lands,
+they are merged into the same outputs a single process writes. Under ``torchrun`` (any
+``WORLD_SIZE > 1``) each process takes one slice, Hessian products are all-reduced, and
+rank 0 gathers the slices and writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+import metaif_cli
+from metaif_cli import constants as C
+from metaif_cli.errors import MetaifError
+from metaif_cli.influence import compute
+from metaif_cli.influence.problem import UnitScores
+from metaif_cli.io import load_json, save_json, save_torch
+from metaif_cli.score_config import ScoreConfig, parse_shard, parse_unit_ref
+from metaif_cli.score_outputs import detection, instance_table, task_table, write_plots, write_tables
+from metaif_cli.scoring import LoadedRun, load_run, pred_delta_lam, run_method, settings_of
+
+log = logging.getLogger(__name__)
+
+
+def check_settings(out_dir: Path, cfg: ScoreConfig) -> None:
+    """Refuse to mix scores of different settings in one directory unless ``overwrite=true``."""
+    path = out_dir / C.SCORE_SETTINGS_JSON
+    if path.exists() and not cfg.overwrite and load_json(path) != settings_of(cfg):
+        raise MetaifError(f"{out_dir} holds scores computed with other settings; pass overwrite=true to replace "
+                          "them or choose another hydra.run.dir")
+    save_json(settings_of(cfg), path)
+
+
+def shard_slice(n: int, i: int, k: int) -> torch.Tensor:
+    """Task indices of shard ``i`` of ``k`` (contiguous, sizes differ by at most one)."""
+    return torch.arange(n * i // k, n * (i + 1) // k)
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _gather(scores: UnitScores, world: int) -> UnitScores:
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, tuple(t.cpu() for t in (scores.task, scores.query, scores.support)))
+    return UnitScores(*(torch.cat([p[i] for p in parts]) for i in range(3)))
+
+
+def score(cfg: ScoreConfig, out_dir: Path) -> dict:
+    """Run ``metaif score`` into ``out_dir``; return the ``score.json`` content (empty for a non-final shard)."""
+    rank, world = _distributed()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_settings(out_dir, cfg)
+    run = load_run(Path(cfg.run), cfg.device, cfg.dtype)
+    n = len(run.exp.pools["train"])
+    if world > 1:
+        i, k = rank, world
+    elif cfg.shard is not None:
+        i, k = parse_shard(cfg.shard)
+    else:
+        i, k = 0, 1
+    index = shard_slice(n, i, k) if k > 1 else None
+    out = run_method(run, cfg, index, rank if world > 1 else 0, world)
+    if world > 1:
+        out.scores = _gather(out.scores, world)
+        if rank != 0:
+            return {}
+    elif k > 1:
+        save_torch({"scores": out.scores, "index": index, "settings": settings_of(cfg), "s": out.s,
+                    "seconds": out.seconds}, out_dir / C.SHARD_DIR / f"shard_{i}_of_{k}.pt")
+        merged = _merge_shards(out_dir, k, cfg)
+        if merged is None:
+            log.info("shard %d/%d written; the last shard to finish merges them", i, k)
+            return {}
+        out.scores = merged
+    return write_outputs(run, cfg, out, out_dir)
+
+
+def _merge_shards(out_dir: Path, k: int, cfg: ScoreConfig) -> UnitScores | None:
+    paths = [out_dir / C.SHARD_DIR / f"shard_{j}_of_{k}.pt" for j in range(k)]
+    if not all(p.exists() for p in paths):
+        return None
+    parts = [torch.load(p, weights_only=False) for p in paths]
+    if any(p["settings"] != settings_of(cfg) for p in parts):
+        raise MetaifError(f"the shards in {out_dir / C.SHARD_DIR} were computed with different settings; "
+                          "delete them and rerun every shard")
+    return UnitScores(*(torch.cat([p["scores"].__dict__[f] for p in parts]) for f in ("task", "query", "support")))
+
+
+def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, out_dir: Path) -> dict:
+    """CSV tables, ``ihvp.pt``, ``pred_delta_lam.pt``, plots and ``score.json``."""
+    import pandas as pd
+
+    tasks_csv = pd.read_csv(run.run_dir / C.TASKS_CSV)
+    tasks_df = task_table(out.scores, tasks_csv, cfg.method) if cfg.unit in ("task", "all") else None
+    inst_df = instance_table(out.scores, tasks_csv, cfg.method) if cfg.unit in ("instance", "all") else None
+    write_tables(out_dir, tasks_df, inst_df)
+    if out.s is not None:
+        save_torch({"s": out.s.detach().cpu(), "settings": settings_of(cfg)}, out_dir / C.IHVP_PT)
+    if out.train_by_test is not None:
+        mat = pd.DataFrame(out.train_by_test.double().cpu().numpy(),
+                           columns=[f"test_task_{t}" for t in range(out.train_by_test.shape[1])])
+        mat.insert(0, "task_id", range(len(mat)))
+        from metaif_cli.io import save_csv
+
+        save_csv(mat, out_dir / C.TRAIN_BY_TEST_CSV)
+    if cfg.pred_delta_lam:
+        edits = pred_delta_lam(run, cfg, [parse_unit_ref(u) for u in cfg.pred_delta_lam])
+        save_torch(edits, out_dir / C.PRED_DELTA_LAM_PT)
+    summary = {
+        "settings": settings_of(cfg),
+        "run": str(run.run_dir),
+        "method": cfg.method,
+        "n_tasks": len(run.exp.pools["train"]),
+        "num_parameters": sum(t.numel() for t in run.lam.values()),
+        "seconds": out.seconds,
+        "total_seconds": sum(v for k, v in out.seconds.items() if k != "inner_max_residual"),
+        "eval_value": out.eval_value,
+        "curvature": None if out.curvature is None else out.curvature.__dict__,
+        "device": str(run.exp.device),
+        "versions": {"metaif": metaif_cli.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    if out.solve is not None:
+        summary["solver"] = {"method": out.solve.method, "iterations": out.solve.iterations,
+                             "relative_residual": out.solve.residual, "converged": out.solve.converged,
+                             "eigenvalue_max": out.solve.eigenvalue_max}
+    summary["detection"] = {unit: detection(df, cfg.method) for unit, df in (("task", tasks_df), ("instance", inst_df))
+                            if df is not None and df["corrupted"].any()}
+    if cfg.plots:
+        summary["plots"] = write_plots(out_dir, cfg.method, tasks_df, inst_df, run.exp.images, cfg.grid_size)
+    save_json(summary, out_dir / C.SCORE_JSON)
+    log.info("scored %d tasks with %s in %.1f s; outputs in %s", summary["n_tasks"], cfg.method,
+             summary["total_seconds"], out_dir)
+    return summary

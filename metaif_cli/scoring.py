@@ -1,0 +1,155 @@
+"""``metaif score`` as a library function: rebuild a run, score its units, write the outputs.
+
+Reads ``model.pt``, the saved config and the task pools of a training run (never
+retrains), builds the bilevel problem in the requested derivative mode, runs one method
+(SPEC sections 3-4) and writes ``task_scores.csv``, ``instance_scores.csv``, ``ihvp.pt``,
+``score.json`` and plots. ``shard=i/k`` scores a slice of the tasks; under ``torchrun`` the
+Hessian products are summed across processes and the slices gathered (SPEC section 3:
+one ``s`` serves every unit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from metaif_cli import constants as C
+from metaif_cli.config import TrainConfig
+from metaif_cli.errors import MetaifError
+from metaif_cli.experiment import Experiment, build_experiment, config_from_dict
+from metaif_cli.influence import compute
+from metaif_cli.influence.implicit import ImplicitProblem
+from metaif_cli.influence.problem import Problem, UnrolledProblem
+from metaif_cli.meta.params import FlatSpec
+from metaif_cli.score_config import ScoreConfig
+from metaif_cli.training import load_trained
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedRun:
+    """A finished training run rebuilt for scoring."""
+
+    run_dir: Path
+    train_cfg: TrainConfig
+    exp: Experiment
+    lam: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+
+
+def load_run(run_dir: Path, device: str | None = None, dtype: str | None = None) -> LoadedRun:
+    """Rebuild experiment, trained ``lam`` and pool weights from a run directory."""
+    saved = load_trained(run_dir)
+    train_cfg = config_from_dict(saved["config"])
+    exp = build_experiment(train_cfg, device=device, dtype=dtype)
+    lam = {k: v.to(exp.device, exp.dtype) for k, v in saved["lam"].items()}
+    pool = exp.pools["train"]
+    ones = {"w": torch.ones(len(pool)), "u": torch.ones(pool.spt_idx.shape), "v": torch.ones(pool.qry_idx.shape)}
+    return LoadedRun(run_dir, train_cfg, exp, lam, saved.get("weights", ones))
+
+
+def derivative_mode(run: LoadedRun, cfg: ScoreConfig) -> str:
+    """``unrolled`` for MAML/ANIL, ``implicit`` for iMAML; a mismatching request is refused."""
+    natural = run.train_cfg.meta.mode
+    if cfg.derivative not in ("auto", natural):
+        raise MetaifError(f"derivative={cfg.derivative} does not apply to meta={run.train_cfg.meta.name}; "
+                          f"use derivative={natural} (or auto)")
+    return natural
+
+
+def build_problem(run: LoadedRun, cfg: ScoreConfig, direct: bool = False) -> Problem:
+    """The problem over the training pool (with the run's weights) and the evaluation tasks."""
+    exp = run.exp
+    train = exp.pools["train"].batch(exp.images).with_weights(**{k: t.to(exp.device, exp.dtype)
+                                                                    for k, t in run.weights.items()})
+    test_pool = exp.pools["test"]
+    m = cfg.evaluation.num_tasks or len(test_pool)
+    test = test_pool.batch(exp.images, torch.arange(min(m, len(test_pool))).to(exp.images.device))
+    kwargs = dict(n=len(train), delta_reg=run.train_cfg.optim.delta_reg, eval_kind=cfg.evaluation.kind)
+    spec = FlatSpec.of(run.lam)
+    if direct:
+        return UnrolledProblem(exp.learner, spec, train, test, steps=0, **kwargs)
+    if derivative_mode(run, cfg) == "implicit":
+        return ImplicitProblem(exp.learner, spec, train, test, inner_tol=cfg.inner_tol,
+                               inner_max_iter=cfg.inner_max_iter, cg_tol=cfg.inner_tol,
+                               support_third_order=cfg.support_third_order, **kwargs)
+    return UnrolledProblem(exp.learner, spec, train, test, **kwargs)
+
+
+def tracin_checkpoints(run: LoadedRun) -> list[tuple[torch.Tensor, float]]:
+    """``(theta_c, lr_c)`` of every intermediate checkpoint kept by training."""
+    spec = FlatSpec.of(run.lam)
+    out = []
+    for path in sorted((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
+        saved = torch.load(path, weights_only=False)
+        out.append((spec.flatten({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()}),
+                    float(saved["lr"])))
+    return out
+
+
+def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = None, rank: int = 0,
+               world: int = 1) -> compute.ScoreOutput:
+    """Compute the scores of ``cfg.method`` for the training tasks ``index`` (default all).
+
+    ``rank``/``world``: this process under torchrun (Hessian products are summed over processes).
+    """
+    theta = FlatSpec.of(run.lam).flatten(run.lam)
+    pool = run.exp.pools["train"]
+    if cfg.method == "random":
+        out = compute.random_baseline(len(pool), pool.spt_idx.shape[1], pool.qry_idx.shape[1], cfg.seed)
+        return _select(out, index)
+
+    def make(direct: bool = False) -> Problem:
+        problem = build_problem(run, cfg, direct=direct)
+        problem.rank, problem.world = rank, world
+        return problem
+
+    if cfg.method == "tracin":
+        return compute.tracin(make, tracin_checkpoints(run), index)
+    problem = make(direct=cfg.method == "direct_if")
+    if cfg.method == "loss":
+        return _select(compute.loss_baseline(problem, theta), index)
+    out = compute.influence(problem, theta, cfg, use_solver=cfg.method != "grad_sim", index=index)
+    if isinstance(problem, ImplicitProblem):
+        out.seconds["inner_max_residual"] = problem.max_residual
+    return out
+
+
+def _select(out: compute.ScoreOutput, index: torch.Tensor | None) -> compute.ScoreOutput:
+    if index is not None:
+        sc = out.scores
+        out.scores = type(sc)(sc.task[index], sc.query[index], sc.support[index])
+    return out
+
+
+def pred_delta_lam(run: LoadedRun, cfg: ScoreConfig, units: list[tuple[str, int, str | None, int | None]]) -> dict:
+    """``(H + delta I)^{-1} d_{w_e} grad F`` for each requested unit, and for their sum (model editing)."""
+    problem = build_problem(run, cfg, direct=cfg.method == "direct_if")
+    theta = FlatSpec.of(run.lam).flatten(run.lam)
+    curvature = compute.choose_damping(problem, theta, cfg)
+    out, total = {}, None
+    for _, task, role, position in units:
+        g = problem.weight_gradient(theta, task, role, position)
+        total = g if total is None else total + g
+        key = f"task:{task}" if role is None else f"{role}:{task}:{position}"
+        out[key] = compute.solve_ihvp(problem, theta, g, cfg, curvature)[0].x.detach().cpu()
+    if total is not None:
+        out["sum"] = compute.solve_ihvp(problem, theta, total, cfg, curvature)[0].x.detach().cpu()
+    return out
+
+
+def settings_of(cfg: ScoreConfig) -> dict:
+    """The settings that determine the scores (saved beside them and checked on reuse)."""
+    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size"}
+    return {k: v for k, v in asdict(cfg).items() if k not in ignore}
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
