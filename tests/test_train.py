@@ -70,14 +70,20 @@ def _groups_of(root: str) -> list[str]:
     return groups
 
 
-def _commands_in_header(path: Path) -> set[str]:
-    """Commands a preset documents in its header comment (``# metaif score ...``)."""
+def _commands_in_header(path: Path, group: str) -> set[str]:
+    """Commands a preset documents in its header comment (``# metaif score experiment=x``).
+
+    Lines that select this very file (``<group>=<name>``) decide; otherwise any command
+    the header mentions; an empty set means the header names none.
+    """
     header = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
             break
         header.append(line)
-    return set(re.findall(r"metaif (train|score|prune-and-retrain)\b", "\n".join(header)))
+    pattern = r"metaif (train|score|prune-and-retrain)\b"
+    selecting = [line for line in header if re.search(rf"\b{re.escape(group)}={re.escape(path.stem)}\b", line)]
+    return set(re.findall(pattern, "\n".join(selecting))) or set(re.findall(pattern, "\n".join(header)))
 
 
 def _option_cases() -> list:
@@ -93,7 +99,7 @@ def _option_cases() -> list:
             continue
         for group in _groups_of(root):
             for path in sorted((CONF / group).glob("*.yaml")):
-                commands = _commands_in_header(path)
+                commands = _commands_in_header(path, group)
                 if commands and COMMAND_OF_ROOT[root] not in commands:
                     continue
                 cases.append(pytest.param(root, group, path.stem, id=f"{root}-{group}={path.stem}"))

@@ -1,0 +1,9 @@
+"""``metaif prune-and-retrain``: remove harmful data, retrain or edit, compare methods (SPEC sections 5-6).
+
+One module per job: :mod:`~metaif_cli.prune.units` (units and zero weights),
+:mod:`~metaif_cli.prune.scores` (rankings per scoring method), :mod:`~metaif_cli.prune.select`
+(what to remove; ``oracle`` and ``retrain``), :mod:`~metaif_cli.prune.update` (retrain, edit,
+gradient ascent), :mod:`~metaif_cli.prune.loo` (leave-one-out ground truth),
+:mod:`~metaif_cli.prune.launch` (sequential, joblib, submitit), :mod:`~metaif_cli.prune.report`
+(tables and plots) and :mod:`~metaif_cli.prune.pipeline` (the command as a function).
+"""

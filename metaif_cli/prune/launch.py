@@ -1,0 +1,138 @@
+"""Run many independent retrainings: in this process, with joblib, or through submitit.
+
+A :class:`RetrainJob` is plain data (the run's saved config, a directory, pool weights,
+an optional warm start), so it pickles to a worker process or a cluster node.
+:func:`run_job` rebuilds the experiment from the config exactly as the original run was
+built (same seed: same pools, same initialisation, same batch order) and calls
+:func:`metaif_cli.training.train`, which resumes an interrupted retraining and skips a
+finished one. Jobs that are already finished are not launched at all.
+
+Launchers (``launcher=``):
+
+- ``sequential``: one after the other in this process (experiments cached per config);
+- ``joblib``: ``joblib.Parallel(n_jobs)`` over local worker processes (loky);
+- ``submitit``: ``submitit.AutoExecutor`` job arrays (SLURM when available, else local
+  processes); logs and pickles go to ``<run dir>/submitit``.
+
+Training on CPU is deterministic, so the launcher does not change any number (tested:
+joblib with ``n_jobs=2`` gives bit-identical parameters to sequential).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from metaif_cli import constants as C
+from metaif_cli.errors import MetaifError
+from metaif_cli.experiment import Experiment, build_experiment, config_from_dict
+from metaif_cli.io import load_json
+from metaif_cli.training import PoolWeights, train
+
+log = logging.getLogger(__name__)
+
+IGNORED_KEYS = ("progress", "device")  # as in training: they do not change the result
+
+
+@dataclass
+class RetrainJob:
+    """One retraining: the original run's ``config`` (``config_dict``) with ``weights``.
+
+    ``init_lam``/``steps``: warm start at these parameters for this many outer steps
+    (default: the seeded initialisation and ``optim.steps``, i.e. a cold retraining).
+    """
+
+    config: dict
+    run_dir: str
+    weights: dict[str, torch.Tensor]
+    init_lam: dict[str, torch.Tensor] | None = None
+    steps: int | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps or int(self.config["optim"]["steps"])
+
+
+@functools.lru_cache(maxsize=2)
+def _experiment(config_json: str) -> Experiment:
+    return build_experiment(config_from_dict(json.loads(config_json)))
+
+
+def run_job(job: RetrainJob) -> dict:
+    """Retrain (or resume, or skip when finished); return the ``results.json`` content."""
+    exp = _experiment(json.dumps(job.config, sort_keys=True))
+    init = None if job.init_lam is None else {k: v.to(exp.device, exp.dtype) for k, v in job.init_lam.items()}
+    return train(exp, Path(job.run_dir), weights=PoolWeights(**job.weights), init_lam=init, steps=job.steps)
+
+
+def finished_results(job: RetrainJob) -> dict | None:
+    """``results.json`` of ``job`` when its directory holds the same retraining, finished; else None."""
+    run_dir = Path(job.run_dir)
+    results_path, last_path = run_dir / C.RESULTS_JSON, run_dir / C.CHECKPOINT_LAST
+    if not (results_path.exists() and last_path.exists()):
+        return None
+    saved = torch.load(last_path, weights_only=False)
+    same_config = ({k: v for k, v in saved["config"].items() if k not in IGNORED_KEYS}
+                   == {k: v for k, v in job.config.items() if k not in IGNORED_KEYS})
+    same_weights = all(torch.equal(saved["weights"][k], t.to(saved["weights"][k])) for k, t in job.weights.items())
+    results = load_json(results_path)
+    if not (same_config and same_weights) or int(results.get("steps", -1)) != job.total_steps:
+        raise MetaifError(f"{run_dir} holds a retraining with different settings; delete that directory "
+                          "or choose another hydra.run.dir")
+    return results
+
+
+def launch(jobs: list[RetrainJob], launcher: str = "sequential", n_jobs: int = 2, folder: Path | None = None,
+           progress: bool = False, submitit_params: dict[str, Any] | None = None,
+           cluster: str | None = None) -> list[dict]:
+    """Run ``jobs``; return their ``results.json`` contents in the order of ``jobs``.
+
+    Args:
+        jobs: the retrainings.
+        launcher: ``sequential``, ``joblib`` or ``submitit``.
+        n_jobs: worker processes for ``joblib``.
+        folder: logs of ``submitit`` (required for it).
+        progress: a progress bar over the jobs (sequential).
+        submitit_params: passed to ``AutoExecutor.update_parameters`` (e.g. ``timeout_min``,
+            ``slurm_partition``, ``gpus_per_node``).
+        cluster: ``submitit`` cluster (None: SLURM if available, else ``local``).
+    """
+    results: list[dict | None] = [finished_results(j) for j in jobs]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if len(todo) < len(jobs):
+        log.info("%d of %d retrainings already finished; skipping them", len(jobs) - len(todo), len(jobs))
+    pending = [jobs[i] for i in todo]
+    if not pending:
+        outs: list[dict] = []
+    elif launcher == "sequential":
+        outs = [run_job(j) for j in tqdm(pending, desc="retrain", disable=not progress, dynamic_ncols=True)]
+    elif launcher == "joblib":
+        from joblib import Parallel, delayed
+
+        outs = Parallel(n_jobs=n_jobs)(delayed(run_job)(j) for j in pending)
+    elif launcher == "submitit":
+        outs = _submitit(pending, folder, submitit_params or {}, cluster)
+    else:
+        raise MetaifError(f"launcher={launcher!r} is not valid; choose one of: sequential, joblib, submitit")
+    for i, out in zip(todo, outs):
+        results[i] = out
+    return results  # type: ignore[return-value]
+
+
+def _submitit(jobs: list[RetrainJob], folder: Path | None, params: dict[str, Any], cluster: str | None) -> list[dict]:
+    import submitit
+
+    if folder is None:
+        raise MetaifError("launcher=submitit needs a folder for its logs")
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    executor.update_parameters(name="metaif-retrain", **params)
+    submitted = executor.map_array(run_job, jobs)
+    log.info("submitted %d retrainings to %s (logs in %s)", len(submitted), executor.cluster, folder)
+    return [job.result() for job in submitted]

@@ -1,0 +1,219 @@
+"""``metaif prune-and-retrain`` as a library function (SPEC sections 5-6, E1-E4).
+
+``protocol=remove``: rank the units of one kind (``unit=task|support|query``) by every
+method, remove the most harmful fraction, update the model (retrain with zero weights,
+edit by influence, or gradient ascent), evaluate on the meta-test pool, and report the
+accuracy against the fraction removed with each method's selection runtime, beside the
+unpruned baseline (method ``none``, fraction 0). ``protocol=loo``: leave-one-out
+retraining of a seeded sample of units, cold and/or warm, against the influence
+predictions.
+
+Every retraining reuses the trained run's saved config (seed, initialisation, batch
+order, budget) and lives under ``retrains/``; a rerun of the same command skips the
+finished ones and the cached rankings in ``selection/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from metaif_cli import constants as C
+from metaif_cli.io import load_json, save_json
+from metaif_cli.prune import report
+from metaif_cli.prune.launch import launch
+from metaif_cli.prune.loo import EvalFunction, LooRetrains, loo_table, run_loo, sample_units
+from metaif_cli.prune.scores import (Ranking, compute_ranking, load_ranking, read_scores_dir, save_ranking,
+                                     score_config_for)
+from metaif_cli.prune.select import oracle_ranking, removed_corrupted_fraction, retrain_ranking, select
+from metaif_cli.prune.units import Unit, all_units, corrupted_flags
+from metaif_cli.prune.update import IFEditor, evaluate, grad_ascent, retrain_job
+from metaif_cli.score_config import PruneConfig
+from metaif_cli.scoring import LoadedRun, load_run, settings_of
+
+log = logging.getLogger(__name__)
+
+PRUNE_CONFIG_JSON = "prune_config.json"
+PRUNE_SUMMARY_JSON = "prune_summary.json"
+
+
+@dataclass
+class Context:
+    """What every step needs: the config, the output directory, the loaded run and its units."""
+
+    cfg: PruneConfig
+    out_dir: Path
+    run: LoadedRun
+    flags: pd.Series  # recorded corruption by unit id
+    units: list[Unit]
+    _f: EvalFunction | None = None
+
+    @property
+    def retrain_root(self) -> Path:
+        return self.out_dir / C.RETRAIN_DIR
+
+    @property
+    def f(self) -> EvalFunction:
+        if self._f is None:
+            self._f = EvalFunction(self.run, self.cfg.score)
+        return self._f
+
+    def launch(self, jobs):
+        c = self.cfg
+        return launch(jobs, c.launcher, c.n_jobs, self.out_dir / "submitit", c.progress)
+
+
+def prune_and_retrain(cfg: PruneConfig, out_dir: Path) -> dict:
+    """Run ``metaif prune-and-retrain`` into ``out_dir``; return the summary written there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_json(dataclasses.asdict(cfg), out_dir / PRUNE_CONFIG_JSON)
+    run = load_run(Path(cfg.run), cfg.score.device, cfg.score.dtype)
+    pool = run.exp.pools["train"]
+    tasks_csv = pd.read_csv(run.run_dir / C.TASKS_CSV)
+    units = all_units(len(pool), pool.spt_idx.shape[1], pool.qry_idx.shape[1], cfg.unit)
+    ctx = Context(cfg, out_dir, run, corrupted_flags(tasks_csv, cfg.unit), units)
+    return loo_protocol(ctx) if cfg.protocol == "loo" else remove_protocol(ctx)
+
+
+# ---------------------------------------------------------------------------------- rankings
+
+
+def gather_rankings(ctx: Context, methods: list[str]) -> dict[str, Ranking]:
+    """One ranking per method: from ``scores=`` for its method, else computed (or cached)."""
+    cfg, out = ctx.cfg, {}
+    given = read_scores_dir(Path(cfg.scores), ctx.run.run_dir, cfg.unit) if cfg.scores else None
+    for method in methods:
+        if given is not None and given.method == method:
+            _warn_if_settings_differ(given, settings_of(score_config_for(cfg, method)))
+            out[method] = given
+        elif method == "oracle":
+            out[method] = oracle_ranking(ctx.flags, cfg.seed)
+        elif method == "retrain":
+            out[method] = retrain_by_loo(ctx)
+        else:
+            settings = settings_of(score_config_for(cfg, method))
+            ranking = load_ranking(ctx.out_dir, method, settings)
+            if ranking is None:
+                ranking = compute_ranking(ctx.run, cfg, method)
+                save_ranking(ranking, ctx.out_dir)
+            out[method] = ranking
+    return out
+
+
+def _warn_if_settings_differ(given: Ranking, wanted: dict) -> None:
+    a = {k: v for k, v in (given.settings or {}).items() if k != "run"}
+    b = {k: v for k, v in wanted.items() if k != "run"}
+    if a and a != b:
+        log.warning("the scores of %s in %s were computed with other settings than score.* here; using them as "
+                    "they are", given.method, given.source)
+
+
+def retrain_by_loo(ctx: Context) -> Ranking:
+    """The paper's "Retrain" selection: cold leave-one-out retraining of ``retrain_subset`` units."""
+    cfg = ctx.cfg
+    subset = sample_units(ctx.units, cfg.retrain_subset, cfg.seed)
+    if cfg.retrain_subset is None:
+        log.info("method=retrain retrains without each of the %d units (set retrain_subset to sample fewer)",
+                 len(subset))
+    loo = run_loo(ctx.run, cfg.score, subset, "cold", ctx.retrain_root, cfg.warm_steps, ctx.launch, ctx.f)
+    table = pd.DataFrame({"unit_id": [u.id for u in loo.units], "actual_delta_test_loss": loo.delta_f})
+    return retrain_ranking(table, ctx.flags, loo.seconds)
+
+
+# ---------------------------------------------------------------------------------- remove
+
+
+def remove_protocol(ctx: Context) -> dict:
+    """Remove the most harmful fractions by every method, update, evaluate, report."""
+    cfg, run = ctx.cfg, ctx.run
+    rankings = gather_rankings(ctx, cfg.methods)
+    n = len(ctx.units)
+    plan = [(m, f, select(rankings[m], f, n)) for m in cfg.methods for f in cfg.fractions]
+    rows = [_row(ctx, "none", 0.0, [], _baseline_metrics(ctx), 0.0, _baseline_seconds(ctx))]
+    extra: dict = {}
+    if cfg.update == "retrain":
+        jobs = [retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}") for m, f, units in plan]
+        for (m, f, units), res in zip(plan, ctx.launch(jobs)):
+            rows.append(_row(ctx, m, f, units, res, rankings[m].seconds, float(res["train_seconds"])))
+    else:
+        editor = None
+        if cfg.update == "edit":
+            editor = IFEditor(run, cfg.score)
+            t0 = time.perf_counter()
+            extra["edit_damping"] = editor.curvature.damping  # chosen once, not charged to any row
+            extra["edit_setup_seconds"] = time.perf_counter() - t0
+        for m, f, units in plan:
+            t0 = time.perf_counter()
+            lam = (editor.edited(units) if editor is not None
+                   else grad_ascent(run, units, cfg.grad_ascent_steps, cfg.grad_ascent_lr))
+            seconds = time.perf_counter() - t0
+            rows.append(_row(ctx, m, f, units, evaluate(run, lam), rankings[m].seconds, seconds))
+    results = pd.DataFrame(rows)
+    title = f"{run.run_dir.name}: {cfg.unit} removal ({cfg.update})"
+    paths = report.write_prune_outputs(ctx.out_dir, results, title)
+    summary = {"run": str(run.run_dir), "protocol": "remove", "unit": cfg.unit, "update": cfg.update, "n_units": n,
+               "n_corrupted": int(ctx.flags.sum()),
+               "rankings": {m: {"seconds": r.seconds, "source": r.source, "column": r.column}
+                            for m, r in rankings.items()},
+               "outputs": paths, **extra}
+    save_json(summary, ctx.out_dir / PRUNE_SUMMARY_JSON)
+    log.info("test accuracy by method and fraction removed:\n%s", report.compact(results[report.PRUNE_COLUMNS]))
+    return {**summary, "results": results[report.PRUNE_COLUMNS]}
+
+
+def _baseline_metrics(ctx: Context) -> dict:
+    if ctx.cfg.update == "retrain":
+        return load_json(ctx.run.run_dir / C.RESULTS_JSON)
+    return evaluate(ctx.run, ctx.run.lam)
+
+
+def _baseline_seconds(ctx: Context) -> float:
+    if ctx.cfg.update == "retrain":
+        return float(load_json(ctx.run.run_dir / C.RESULTS_JSON)["train_seconds"])
+    return 0.0
+
+
+def _row(ctx: Context, method: str, fraction: float, units: list[Unit], metrics: dict, selection_seconds: float,
+         update_seconds: float) -> dict:
+    ids = [u.id for u in units]
+    return {"method": method, "unit": ctx.cfg.unit, "fraction": fraction, "update": ctx.cfg.update,
+            "seed": ctx.cfg.seed, "test_acc": float(metrics["test_acc"]),
+            "test_acc_ci95": float(metrics["test_acc_ci95"]), "test_loss": float(metrics["test_loss"]),
+            "selection_seconds": float(selection_seconds), "retrain_seconds": float(update_seconds),
+            "removed_corrupted_fraction": removed_corrupted_fraction(units, ctx.flags), "num_removed": len(units),
+            "num_removed_corrupted": int(ctx.flags.loc[ids].sum()) if ids else 0,
+            "train_seed": ctx.run.train_cfg.seed}
+
+
+# ---------------------------------------------------------------------------------- leave-one-out
+
+
+def loo_protocol(ctx: Context) -> dict:
+    """Leave-one-out retraining of ``num_units`` seeded units against task/instance-IF."""
+    cfg = ctx.cfg
+    units = sample_units(ctx.units, cfg.num_units, cfg.seed)
+    ranking = gather_rankings(ctx, ["if"])["if"]
+    pred = ranking.table.set_index("unit_id")["score"]
+    editor = IFEditor(ctx.run, cfg.score)
+    tables, seconds = [], {}
+    for mode in cfg.loo_modes:
+        retrains: LooRetrains = run_loo(ctx.run, cfg.score, units, mode, ctx.retrain_root, cfg.warm_steps,
+                                        ctx.launch, ctx.f)
+        tables.append(loo_table(retrains, pred, editor))
+        seconds[mode] = retrains.seconds
+    table = pd.concat(tables, ignore_index=True)
+    extra = {"run": str(ctx.run.run_dir), "protocol": "loo", "unit": cfg.unit, "num_units": len(units),
+             "seed": cfg.seed, "warm_steps": cfg.warm_steps, "retrain_seconds": seconds,
+             "if_seconds": ranking.seconds, "damping": editor.curvature.damping}
+    summary = report.write_loo_outputs(ctx.out_dir, table, extra)
+    for mode, s in summary["modes"].items():
+        log.info("leave-one-out (%s, %d units): Pearson %.3f, Spearman %.3f, sign agreement %.2f, cos(delta_lam) "
+                 "median %.3f", mode, s["n"], s["pearson"], s["spearman"], s["sign_agreement"],
+                 s["cos_delta_lam_median"])
+    return {**summary, "results": table}
+

@@ -1,0 +1,113 @@
+"""Tables, plots and summaries of ``metaif prune-and-retrain`` (SPEC sections 5-6).
+
+- ``prune_results.csv``: one row per (method, fraction) plus the unpruned baseline
+  (method ``none``, fraction 0): ``method, unit, fraction, update, seed, test_acc,
+  test_acc_ci95, test_loss, selection_seconds, retrain_seconds, removed_corrupted_fraction``,
+  then ``num_removed, num_removed_corrupted, train_seed``. ``seed`` is the prune seed
+  (random selection, oracle order, unit samples); ``retrain_seconds`` is the time of the
+  update (training loop of the retraining, or the edit); ``removed_corrupted_fraction``
+  is the share of all recorded corrupted units that were removed (recall, E3).
+- ``accuracy_vs_fraction.png``; ``main_table.csv``/``.md``: per method, accuracy after
+  removing 40% (or the nearest fraction run) and the selection runtime (the paper's table).
+- ``loo_results.csv``: ``unit_id, unit, pred_delta_test_loss, actual_delta_test_loss,
+  retrain, cos_delta_lam, norm_ratio_delta_lam``; ``loo_summary.json``: Pearson, Spearman
+  and sign agreement per retrain mode with the cosine/norm-ratio statistics;
+  ``pred_vs_actual_<mode>.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from metaif_cli import constants as C
+from metaif_cli.io import atomic_path, save_csv, save_json
+from metaif_cli.metrics import correlation_summary
+
+PRUNE_COLUMNS = ["method", "unit", "fraction", "update", "seed", "test_acc", "test_acc_ci95", "test_loss",
+                 "selection_seconds", "retrain_seconds", "removed_corrupted_fraction", "num_removed",
+                 "num_removed_corrupted", "train_seed"]
+LOO_COLUMNS = ["unit_id", "unit", "pred_delta_test_loss", "actual_delta_test_loss", "retrain", "cos_delta_lam",
+               "norm_ratio_delta_lam"]
+MAIN_COLUMNS = ["method", "fraction", "test_acc", "test_acc_ci95", "selection_seconds"]
+
+
+def nearest_fraction(fractions: list[float], target: float = 0.4) -> float:
+    """The fraction run closest to ``target`` (the smaller one on a tie)."""
+    return min(sorted(fractions), key=lambda f: abs(f - target))
+
+
+def main_table(results: pd.DataFrame, target: float = 0.4) -> pd.DataFrame:
+    """Per method: accuracy after removing ``target`` (or the nearest fraction run) and the selection runtime."""
+    pruned = results[results.method != "none"]
+    rows = [results[results.method == "none"]]
+    if len(pruned):
+        rows.append(pruned[pruned.fraction == nearest_fraction(pruned.fraction.unique().tolist(), target)])
+    return pd.concat(rows, ignore_index=True)[MAIN_COLUMNS]
+
+
+def markdown(df: pd.DataFrame, digits: int = 4) -> str:
+    """A GitHub Markdown table (numbers rounded to ``digits``)."""
+    def cell(x) -> str:
+        return f"{x:.{digits}f}" if isinstance(x, (float, np.floating)) else str(x)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def compact(results: pd.DataFrame) -> str:
+    """Test accuracy by method (rows) and fraction removed (columns), plus selection seconds."""
+    acc = results.pivot_table(index="method", columns="fraction", values="test_acc", sort=False)
+    acc.columns = [f"{c:g}" for c in acc.columns]
+    acc["select_s"] = results.groupby("method", sort=False)["selection_seconds"].max()
+    return acc.to_string(float_format=lambda x: f"{x:.4f}", na_rep="-")
+
+
+def write_prune_outputs(out_dir: Path, results: pd.DataFrame, title: str) -> dict[str, str]:
+    """``prune_results.csv``, the accuracy plot and the main table (CSV and Markdown)."""
+    from metaif_cli.plots import plot_accuracy_vs_fraction
+
+    results = results[PRUNE_COLUMNS]
+    save_csv(results, out_dir / C.PRUNE_RESULTS_CSV)
+    table = main_table(results)
+    save_csv(table, out_dir / C.MAIN_TABLE_CSV)
+    with atomic_path(out_dir / C.MAIN_TABLE_MD) as tmp:
+        tmp.write_text(markdown(table))
+    baseline = results[results.method == "none"]
+    curves = pd.concat([results[results.method != "none"]]
+                       + [baseline.assign(method=m) for m in results.method.unique() if m != "none"])
+    plot_accuracy_vs_fraction(curves, out_dir / C.ACCURACY_PNG, title)
+    return {"prune_results": str(out_dir / C.PRUNE_RESULTS_CSV), "main_table": str(out_dir / C.MAIN_TABLE_MD),
+            "accuracy_plot": str(out_dir / C.ACCURACY_PNG)}
+
+
+def loo_summary(table: pd.DataFrame) -> dict[str, dict]:
+    """Per retrain mode: correlation of predicted vs actual ``delta_test_loss`` and vector agreement."""
+    out = {}
+    for mode, group in table.groupby("retrain", sort=False):
+        summary = correlation_summary(group.pred_delta_test_loss.to_numpy(), group.actual_delta_test_loss.to_numpy())
+        for col in ("cos_delta_lam", "norm_ratio_delta_lam"):
+            values = group[col].to_numpy(dtype=float)
+            values = values[np.isfinite(values)]
+            summary[f"{col}_mean"] = float(values.mean()) if values.size else float("nan")
+            summary[f"{col}_median"] = float(np.median(values)) if values.size else float("nan")
+        out[str(mode)] = summary
+    return out
+
+
+def write_loo_outputs(out_dir: Path, table: pd.DataFrame, extra: dict) -> dict:
+    """``loo_results.csv``, ``loo_summary.json`` and one pred-vs-actual plot per mode."""
+    from metaif_cli.plots import plot_pred_vs_actual
+
+    table = table[LOO_COLUMNS]
+    save_csv(table, out_dir / C.LOO_RESULTS_CSV)
+    summary = {"modes": loo_summary(table), **extra}
+    for mode, group in table.groupby("retrain", sort=False):
+        plot_pred_vs_actual(group.pred_delta_test_loss.to_numpy(), group.actual_delta_test_loss.to_numpy(),
+                            out_dir / C.PRED_VS_ACTUAL_PNG.format(retrain=mode),
+                            f"leave-one-out ({mode}) vs influence, {table.unit.iloc[0]} units")
+    save_json(summary, out_dir / C.LOO_SUMMARY_JSON)
+    return summary
