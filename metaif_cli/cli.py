@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -89,7 +90,10 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = " ".join(str(exc).split()).split(" Config search path")[0]
+    cause = exc.__cause__
+    if cause is not None and not isinstance(exc, MetaifError):
+        text += ": " + " ".join(str(cause).split()).split(" full_key:")[0]
     for key, hint in HINTS.items():
         if f"'{key}'" in text:
             text += f" (did you mean {hint}? model= picks the network: mlp or cnn4)"
@@ -111,10 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     logging.captureWarnings(True)
     sys.argv = [f"metaif {command}", *rest]
+    # Let Hydra raise its composition errors instead of printing them over several lines.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         module.main()
     except MetaifError as exc:
         print(f"metaif {command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (HydraException, OmegaConfBaseException) as exc:
+        print(f"metaif {command}: error: {_one_line(_user_error(exc) or exc)}", file=sys.stderr)
         return 2
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else 1
