@@ -8,6 +8,7 @@ only and is never read by scoring.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -66,9 +67,15 @@ def split_classes(dataset: ImageDataset, cfg: DatasetConfig, gen: torch.Generato
         if dataset.splits is not None:
             class_sets = {s: torch.tensor(dataset.splits[s], dtype=torch.long) for s in SPLITS}
         else:
-            perm = torch.randperm(dataset.num_classes, generator=gen)
-            cut = torch.round(torch.cumsum(fr, 0) * dataset.num_classes).long().tolist()
+            # rotated copies of a character (".../rot90") stay in the split of the character
+            base = [re.sub(r"/rot\d+$", "", name) for name in dataset.class_names]
+            groups = sorted(set(base))
+            group_of = torch.tensor([groups.index(b) for b in base]) if len(groups) < len(base) else None
+            perm = torch.randperm(len(groups), generator=gen)
+            cut = torch.round(torch.cumsum(fr, 0) * len(groups)).long().tolist()
             class_sets = {"train": perm[: cut[0]], "val": perm[cut[0] : cut[1]], "test": perm[cut[1] :]}
+            if group_of is not None:
+                class_sets = {s: torch.nonzero(torch.isin(group_of, g)).flatten() for s, g in class_sets.items()}
         return {s: torch.nonzero(torch.isin(labels, c)).flatten() for s, c in class_sets.items()}
     parts: dict[str, list[Tensor]] = {s: [] for s in SPLITS}
     for c in range(dataset.num_classes):
