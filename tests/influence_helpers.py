@@ -37,7 +37,9 @@ def make_model(name: str = "mlp", norm: str = "none", hidden: int = 4, layers: i
                image_shape: tuple[int, int, int] = (1, 6, 6), ways: int = 3, seed: int = 0,
                pool: str = "max") -> MetaModel:
     cfg = ModelConfig(name=name, hidden=hidden, layers=layers, norm=norm, groups=2, pool=pool)
-    return build_model(cfg, image_shape, ways, seed).double()
+    # the meta-learners read parameters from a dict; module parameters (a fixed body when
+    # ``lam`` holds only the head) need no autograd graph
+    return build_model(cfg, image_shape, ways, seed).double().requires_grad_(False)
 
 
 def make_learner(model: MetaModel, name: str = "maml", steps: int = 2, lr: float = 0.4, eta: float = 1.0,

@@ -8,7 +8,6 @@ cross-entropy (``mean_loss``, ``per_task``) or the margin ``max_{c != y} z_c - z
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from metaif_cli.meta.learner import MetaLearner
@@ -22,7 +21,8 @@ def instance_values(learner: MetaLearner, params: Params, x: Tensor, y: Tensor, 
         return learner.instance_losses(params, x, y)
     z = logits(learner.model, params, x)  # [B, ways]
     true = z.gather(-1, y[:, None]).squeeze(-1)
-    wrong = z.masked_fill(F.one_hot(y, z.shape[-1]).bool(), float("-inf")).amax(-1)
+    is_true = torch.arange(z.shape[-1], device=z.device) == y[:, None]  # [B, ways]; vmap-safe, unlike one_hot
+    wrong = z.masked_fill(is_true, float("-inf")).amax(-1)
     return wrong - true
 
 
