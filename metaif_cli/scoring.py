@@ -116,7 +116,7 @@ def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = No
         return _select(compute.loss_baseline(problem, theta), index)
     out = compute.influence(problem, theta, cfg, use_solver=cfg.method != "grad_sim", index=index)
     if isinstance(problem, ImplicitProblem):
-        out.seconds["inner_max_residual"] = problem.max_residual
+        out.inner_residual = problem.max_residual
     return out
 
 

@@ -41,6 +41,7 @@ class ScoreOutput:
     curvature: "Curvature | None" = None
     eval_value: float | None = None
     train_by_test: Tensor | None = None  # [n, T] task scores per evaluation task
+    inner_residual: float | None = None  # implicit mode: worst inner solve / CG relative residual
     seconds: dict[str, float] = field(default_factory=dict)
 
 

@@ -15,7 +15,9 @@ Launchers (``launcher=``):
   processes); logs and pickles go to ``<run dir>/submitit``.
 
 Training on CPU is deterministic, so the launcher does not change any number (tested:
-joblib with ``n_jobs=2`` gives bit-identical parameters to sequential).
+joblib with ``n_jobs=2`` and submitit's local executor give bit-identical parameters to
+sequential). SLURM settings (partition, time limit, GPUs) go through ``submitit_params``;
+the prune config has no field for them yet, so the command uses submitit's defaults.
 """
 
 from __future__ import annotations

@@ -91,10 +91,9 @@ def gather_rankings(ctx: Context, methods: list[str]) -> dict[str, Ranking]:
         if given is not None and given.method == method:
             _warn_if_settings_differ(given, settings_of(score_config_for(cfg, method)))
             out[method] = given
-        elif method == "oracle":
-            out[method] = oracle_ranking(ctx.flags, cfg.seed)
-        elif method == "retrain":
-            out[method] = retrain_by_loo(ctx)
+        elif method in ("oracle", "retrain"):
+            out[method] = oracle_ranking(ctx.flags, cfg.seed) if method == "oracle" else retrain_by_loo(ctx)
+            save_ranking(out[method], ctx.out_dir)  # for the record; not read back
         else:
             settings = settings_of(score_config_for(cfg, method))
             ranking = load_ranking(ctx.out_dir, method, settings)
