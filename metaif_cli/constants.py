@@ -34,6 +34,9 @@ MAIN_TABLE_MD = "main_table.md"
 ACCURACY_PNG = "accuracy_vs_fraction.png"
 PRED_VS_ACTUAL_PNG = "pred_vs_actual_{retrain}.png"
 RETRAIN_DIR = "retrains"
+SELECTION_DIR = "selection"
+PRUNE_CONFIG_JSON = "prune_config.json"
+PRUNE_SUMMARY_JSON = "prune_summary.json"
 
 # the sign convention, stated in every score column name (SPEC section 3)
 SCORE_COLUMN = "pred_delta_test_loss"

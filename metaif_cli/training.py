@@ -9,6 +9,7 @@ and ends with the same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import platform
@@ -68,19 +69,32 @@ def evaluate_split(exp: Experiment, lam: Params, split: str) -> dict[str, float]
     return {f"{split}_acc": acc, f"{split}_acc_ci95": acc_ci, f"{split}_loss": loss, f"{split}_loss_ci95": loss_ci}
 
 
-def _state(step, lam, opt, gen, metrics, elapsed, exp, weights) -> dict:
-    return {"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg), "step": step,
+def _init_digest(init_lam: Params | None) -> str | None:
+    """A fingerprint of a warm start (``None``: the seeded initialisation)."""
+    if init_lam is None:
+        return None
+    h = hashlib.sha1()
+    for k in sorted(init_lam):
+        h.update(k.encode())
+        h.update(init_lam[k].detach().cpu().double().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _state(step, lam, opt, gen, metrics, elapsed, exp, weights, setup) -> dict:
+    return {"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg), "step": step, "setup": setup,
             "lam": {k: v.detach().cpu() for k, v in lam.items()}, "optimizer": opt.state_dict(),
             "generator": gen.get_state(), "metrics": metrics, "elapsed": elapsed,
             "weights": weights.as_dict(),
             "model_args": {"image_shape": list(exp.dataset.image_shape), "ways": exp.cfg.dataset.ways}}
 
 
-def _same_setup(saved: dict, exp: Experiment, weights: PoolWeights) -> bool:
+def _same_setup(saved: dict, exp: Experiment, weights: PoolWeights, setup: dict) -> bool:
+    """Same config (but for display and device), same weights, same steps and start."""
     ignore = {"progress", "device"}
     a = {k: v for k, v in saved["config"].items() if k not in ignore}
     b = {k: v for k, v in config_dict(exp.cfg).items() if k not in ignore}
-    return a == b and all(torch.equal(saved["weights"][k], t) for k, t in weights.as_dict().items())
+    return (a == b and saved.get("setup") == setup
+            and all(torch.equal(saved["weights"][k], t) for k, t in weights.as_dict().items()))
 
 
 def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, init_lam: Params | None = None,
@@ -101,8 +115,9 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     weights = weights or PoolWeights.ones(n, s, q)
     steps = steps or o.steps
     results_path, last_path = run_dir / C.RESULTS_JSON, run_dir / C.CHECKPOINT_LAST
+    setup = {"steps": steps, "init": _init_digest(init_lam)}
     if results_path.exists() and last_path.exists():
-        if _same_setup(torch.load(last_path, weights_only=False), exp, weights):
+        if _same_setup(torch.load(last_path, weights_only=False), exp, weights, setup):
             log.info("run in %s is complete; nothing to do", run_dir)
             return load_json(results_path)
     lam = {k: v.clone() for k, v in (init_lam or exp.initial_params()).items()}
@@ -112,7 +127,7 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     start, metrics, elapsed = 0, [], 0.0
     if last_path.exists():
         saved = torch.load(last_path, weights_only=False)
-        if not _same_setup(saved, exp, weights):
+        if not _same_setup(saved, exp, weights, setup):
             raise MetaifError(f"{run_dir} holds a run with different settings; choose another hydra.run.dir "
                               "or delete that directory")
         for k in lam:
@@ -151,7 +166,7 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
                         "lr": opt.param_groups[0]["lr"]}, run_dir / C.CHECKPOINT_DIR / f"step_{done:06d}.pt")
         if done % o.checkpoint_every == 0 or done == steps:
             now = elapsed + time.perf_counter() - t0
-            save_torch(_state(done, lam, opt, gen, metrics, now, exp, weights), last_path)
+            save_torch(_state(done, lam, opt, gen, metrics, now, exp, weights, setup), last_path)
             save_csv(pd.DataFrame(metrics), run_dir / C.METRICS_CSV)
     elapsed += time.perf_counter() - t0
     bar.close()

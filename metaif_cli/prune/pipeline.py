@@ -38,8 +38,6 @@ from metaif_cli.scoring import LoadedRun, load_run, settings_of
 
 log = logging.getLogger(__name__)
 
-PRUNE_CONFIG_JSON = "prune_config.json"
-PRUNE_SUMMARY_JSON = "prune_summary.json"
 
 
 @dataclass
@@ -71,7 +69,7 @@ class Context:
 def prune_and_retrain(cfg: PruneConfig, out_dir: Path) -> dict:
     """Run ``metaif prune-and-retrain`` into ``out_dir``; return the summary written there."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(dataclasses.asdict(cfg), out_dir / PRUNE_CONFIG_JSON)
+    save_json(dataclasses.asdict(cfg), out_dir / C.PRUNE_CONFIG_JSON)
     run = load_run(Path(cfg.run), cfg.score.device, cfg.score.dtype)
     pool = run.exp.pools["train"]
     tasks_csv = pd.read_csv(run.run_dir / C.TASKS_CSV)
@@ -160,7 +158,7 @@ def remove_protocol(ctx: Context) -> dict:
                "rankings": {m: {"seconds": r.seconds, "source": r.source, "column": r.column}
                             for m, r in rankings.items()},
                "outputs": paths, **extra}
-    save_json(summary, ctx.out_dir / PRUNE_SUMMARY_JSON)
+    save_json(summary, ctx.out_dir / C.PRUNE_SUMMARY_JSON)
     log.info("test accuracy by method and fraction removed:\n%s", report.compact(results[report.PRUNE_COLUMNS]))
     return {**summary, "results": results[report.PRUNE_COLUMNS]}
 

@@ -28,7 +28,6 @@ from metaif_cli.scoring import LoadedRun, run_method, settings_of
 
 log = logging.getLogger(__name__)
 
-SELECTION_DIR = "selection"  # under the prune-and-retrain run directory
 SCORING_METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin")
 
 
@@ -109,7 +108,7 @@ def read_scores_dir(scores_dir: Path, run_dir: Path, kind: str) -> Ranking:
 
 def save_ranking(ranking: Ranking, out_dir: Path) -> None:
     """Cache ``ranking`` as ``selection/<method>.csv`` (score column named by its convention) and ``.json``."""
-    folder = out_dir / SELECTION_DIR
+    folder = out_dir / C.SELECTION_DIR
     save_csv(ranking.table.rename(columns={"score": ranking.column}), folder / f"{ranking.method}.csv")
     save_json({"method": ranking.method, "column": ranking.column, "seconds": ranking.seconds,
                "source": ranking.source, "limit": ranking.limit, "settings": ranking.settings},
@@ -118,7 +117,7 @@ def save_ranking(ranking: Ranking, out_dir: Path) -> None:
 
 def load_ranking(out_dir: Path, method: str, settings: dict | None) -> Ranking | None:
     """The cached ranking of ``method`` if it was made with ``settings`` (else None)."""
-    folder = out_dir / SELECTION_DIR
+    folder = out_dir / C.SELECTION_DIR
     meta_path, csv_path = folder / f"{method}.json", folder / f"{method}.csv"
     if not (meta_path.exists() and csv_path.exists()):
         return None
