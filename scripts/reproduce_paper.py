@@ -36,10 +36,10 @@ log = logging.getLogger("reproduce_paper")
 # CPU-scale settings per dataset (GPU presets in conf/experiment/ are the paper-scale ones).
 TRAIN = {
     "omniglot": ["dataset=omniglot", "model=cnn4", "model.hidden=16", "dataset.num_train_tasks=100",
-                 "dataset.num_test_tasks=100", "dataset.queries=5", "optim.steps=300", "optim.meta_batch_size=8",
+                 "dataset.num_test_tasks=100", "dataset.queries=5", "optim.steps=200", "optim.meta_batch_size=8",
                  "optim.lr=0.003", "optim.eval_every=100", "meta.inner_steps=3", "meta.inner_lr=0.4"],
     "mnist": ["dataset=mnist", "model=mlp", "model.hidden=32", "dataset.shots=5", "dataset.queries=10",
-              "dataset.num_train_tasks=100", "dataset.num_test_tasks=100", "optim.steps=300",
+              "dataset.num_train_tasks=100", "dataset.num_test_tasks=100", "optim.steps=200",
               "optim.meta_batch_size=8", "optim.lr=0.003", "optim.eval_every=100", "meta.inner_steps=3",
               "meta.inner_lr=0.4"],
 }
@@ -80,7 +80,7 @@ def experiments(out: Path, root: str, only: set[str], datasets: list[str]) -> li
             run = train(out, f"{ds}-tasks", ds, ["corruption.task_fraction=0.3"], root)
             if "E1" in only:
                 d = prune(out, f"E1-{ds}", run, "unit=task", "fractions=[0.4]",
-                          "methods=[if,random,loss,direct_if,grad_sim,tracin,oracle,retrain]", "retrain_subset=30")
+                          "methods=[if,random,loss,direct_if,grad_sim,tracin,oracle,retrain]", "retrain_subset=10")
                 rows += table(d, "E1", ds)
             if "E3" in only and ds == "mnist":
                 d = prune(out, f"E3-{ds}", run, "unit=task", "fractions=[0.25]", "methods=[if,random]")
@@ -93,7 +93,7 @@ def experiments(out: Path, root: str, only: set[str], datasets: list[str]) -> li
                 rows += table(d, f"E2-{role}", ds)
         if "E4" in only:
             run = train(out, f"{ds}-clean", ds, ["optim.delta_reg=0.01"], root)
-            d = prune(out, f"E4-{ds}", run, "protocol=loo", "num_units=20", "loo_modes=[cold,warm]",
+            d = prune(out, f"E4-{ds}", run, "protocol=loo", "num_units=10", "loo_modes=[cold,warm]",
                       "warm_steps=100")
             summary = json.loads((d / "loo_summary.json").read_text())
             for mode, stats in summary.items():
