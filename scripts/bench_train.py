@@ -47,9 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="meta-gradients per timed repeat")
     p.add_argument("--warmup", type=int, default=1, help="untimed meta-gradients before timing")
     p.add_argument("--meta-batch", type=int, default=16, help="tasks per meta-batch")
-    p.add_argument("--hidden", type=int, default=64, help="cnn4 filters")
-    p.add_argument("--inner-steps", type=int, default=5, help="inner SGD steps (MAML/ANIL)")
-    p.add_argument("--imaml-inner-steps", type=int, default=20, help="inner steps of iMAML")
+    p.add_argument("--hidden", type=int, default=32, help="cnn4 filters (conf/model/cnn4.yaml)")
+    p.add_argument("--pool", default="max", choices=("max", "stride"), help="cnn4 down-sampling")
+    p.add_argument("--inner-steps", type=int, default=5, help="inner SGD steps of MAML/ANIL (conf/meta)")
+    p.add_argument("--inner-lr", type=float, default=0.5, help="inner step size of MAML/ANIL (conf/meta)")
+    p.add_argument("--imaml-inner-steps", type=int, default=20, help="inner steps of iMAML (conf/meta/imaml.yaml)")
     p.add_argument("--cg-iters", type=int, default=10, help="iMAML conjugate-gradient steps")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--only", nargs="*", default=None, metavar="METHOD", help="restrict to these methods")
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_config(args: argparse.Namespace, method: str, first_order: bool) -> TrainConfig:
     """The real 5-way 1-shot Omniglot setting with the given meta-learner."""
     inner = args.imaml_inner_steps if method == "imaml" else args.inner_steps
-    lr = 0.3 if method == "imaml" else 0.4
+    lr = 0.3 if method == "imaml" else args.inner_lr  # iMAML: conf/meta/imaml.yaml
     return TrainConfig(
         seed=0,
         device=args.device,
@@ -71,7 +73,7 @@ def make_config(args: argparse.Namespace, method: str, first_order: bool) -> Tra
         dataset=DatasetConfig(name="omniglot", ways=5, shots=1, queries=5, num_train_tasks=args.meta_batch,
                               num_val_tasks=5, num_test_tasks=5, split_by="class",
                               split_fractions=[0.6, 0.1, 0.3], image_size=28),
-        model=ModelConfig(name="cnn4", hidden=args.hidden, layers=4, norm="batch", pool="max"),
+        model=ModelConfig(name="cnn4", hidden=args.hidden, layers=4, norm="batch", pool=args.pool),
         meta=MetaConfig(name=method, first_order=first_order, inner_steps=inner, inner_lr=lr,
                         cg_iters=args.cg_iters),
         optim=OptimConfig(steps=1, meta_batch_size=args.meta_batch),
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print(f"device={args.device} threads={torch.get_num_threads() if not args.threads else args.threads} "
-          f"meta_batch={args.meta_batch} cnn4 hidden={args.hidden} inner_steps={args.inner_steps} "
+          f"meta_batch={args.meta_batch} cnn4 hidden={args.hidden} pool={args.pool} inner_steps={args.inner_steps} "
           f"(iMAML {args.imaml_inner_steps} steps, {args.cg_iters} CG) repeats={args.repeats} steps={args.steps}",
           file=sys.stderr)
     table = run(args)
