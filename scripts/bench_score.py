@@ -41,16 +41,23 @@ def timed_scores(run, cfg: ScoreConfig) -> tuple[float, compute.ScoreOutput]:
 
 
 def solver_rows(run, base: ScoreConfig, label: str) -> list[dict]:
-    """Every Hessian form x solver on ``run``: seconds, iterations, residual."""
+    """Every Hessian form x solver on ``run``: seconds of the iHVP ``s`` alone, iterations, residual."""
     rows = []
+    theta = FlatSpec.of(run.lam).flatten(run.lam)
     for form in ("exact", "no_third_order", "gamma"):
+        cfg_form = replace(base, hessian=replace(base.hessian, form=form))
+        problem = build_problem(run, cfg_form)
+        b = problem.eval_grad(theta)[1].mean(0)
+        t0 = time.perf_counter()
+        curvature = compute.choose_damping(problem, theta, cfg_form)
+        lanczos_s = time.perf_counter() - t0
         for solver in ("cg", "neumann", "lissa"):
-            cfg = replace(base, hessian=replace(base.hessian, form=form),
-                          solver=replace(base.solver, name=solver, allow_unconverged=True))
-            seconds, out = timed_scores(run, cfg)
-            rows.append({"part": label, "form": form, "solver": solver, "seconds": seconds,
-                         "iterations": out.solve.iterations, "relative_residual": out.solve.residual,
-                         "damping": out.curvature.damping})
+            cfg = replace(cfg_form, solver=replace(base.solver, name=solver, allow_unconverged=True))
+            t0 = time.perf_counter()
+            res = compute.solve_ihvp(problem, theta, b, cfg, curvature)[0]
+            rows.append({"part": label, "form": form, "solver": solver, "seconds": time.perf_counter() - t0,
+                         "lanczos_seconds": lanczos_s, "iterations": res.iterations,
+                         "relative_residual": res.residual, "damping": curvature.damping})
             log.info("%s", rows[-1])
     return rows
 
@@ -106,7 +113,9 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="a finished metaif train run on Omniglot")
     parser.add_argument("--out", default="outputs/bench", help="folder for bench_score.csv/json")
     parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--skip-solvers", action="store_true", help="only the scoring-vs-training ratio")
+    parser.add_argument("--parts", nargs="*", default=["score", "solvers", "accuracy"],
+                        help="score: scoring vs training time; solvers: per form and solver; accuracy: vs dense")
+    parser.add_argument("--presets", nargs="*", default=["default", "fast"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
@@ -122,13 +131,16 @@ def main() -> None:
                             solver=SolverConfig(name="cg", max_iter=30, tol=1e-3)),
     }
     for name, cfg in presets.items():
+        if "score" not in args.parts or name not in args.presets:
+            continue
         seconds, out_ = timed_scores(run, cfg)
         rows.append({"part": "score_vs_train", "preset": name, "seconds": seconds, "train_seconds": train_seconds,
                      "score_over_train": seconds / train_seconds, "iterations": out_.solve.iterations,
                      "relative_residual": out_.solve.residual, **{f"t_{k}": v for k, v in out_.seconds.items()}})
         log.info("%s", rows[-1])
-    if not args.skip_solvers:
+    if "solvers" in args.parts:
         rows += solver_rows(run, presets["fast"], "solvers")
+    if "accuracy" in args.parts:
         rows += accuracy_rows(small_run(args.data_root, out))
     frame = pd.DataFrame(rows)
     save_csv(frame, out / "bench_score.csv")
