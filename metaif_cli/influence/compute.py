@@ -163,7 +163,8 @@ def influence(problem: Problem, theta: Tensor, cfg: ScoreConfig, use_solver: boo
         train_by_test = torch.stack(cols, 1)  # [n, T]
         times["per_task"] = time.perf_counter() - t0
     _check_finite("the scores", scores.task)
-    return ScoreOutput(scores, s, result, curvature, float(values.mean()), train_by_test, times)
+    return ScoreOutput(scores, s=s, solve=result, curvature=curvature, eval_value=float(values.mean()),
+                       train_by_test=train_by_test, seconds=times)
 
 
 def tracin(make_problem: Callable[[], Problem], checkpoints: list[tuple[Tensor, float]],
