@@ -96,24 +96,41 @@ def choose_damping(problem: Problem, theta: Tensor, cfg: ScoreConfig) -> Curvatu
     return Curvature(damping, lo, hi, gamma)
 
 
+def _run_solver(cfg: ScoreConfig, hvp: Callable, hvp_subset: Callable, b: Tensor, damping: float
+                ) -> solvers.SolveResult:
+    sc = cfg.solver
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if sc.name == "dense":
+        return solvers.solve_dense(hvp, b, damping)
+    if sc.name == "cg":
+        return solvers.solve_cg(hvp, b, damping, max_iter=sc.max_iter, tol=sc.tol, progress=cfg.progress)
+    if sc.name == "neumann":
+        return solvers.solve_neumann(hvp, b, damping, terms=sc.terms, power_iters=sc.power_iters, generator=gen,
+                                     tol=sc.tol, progress=cfg.progress)
+    return solvers.solve_lissa(hvp_subset, b, damping, depth=sc.depth, repeats=sc.repeats, generator=gen,
+                               power_hvp=hvp, tol=sc.tol, progress=cfg.progress)
+
+
 def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: ScoreConfig,
                curvature: Curvature | None = None) -> tuple[solvers.SolveResult, Curvature]:
-    """``(H + delta I)^{-1} b`` with the configured Hessian form and solver; refuses an unconverged solve."""
+    """``(H + delta I)^{-1} b`` with the configured Hessian form and solver; refuses an unconverged solve.
+
+    With ``auto_damping``, a CG breakdown (negative curvature that the Lanczos estimate of
+    ``lambda_min`` missed: Ritz values lie inside the spectrum) doubles the damping and
+    retries, up to three times; the damping finally used is reported.
+    """
     curvature = curvature or choose_damping(problem, theta, cfg)
     index = hessian_index(problem.n, cfg)
     hvp, hvp_subset, _ = make_hvp(problem, theta, cfg, index)
-    sc, damping = cfg.solver, curvature.damping
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if sc.name == "dense":
-        result = solvers.solve_dense(hvp, b, damping)
-    elif sc.name == "cg":
-        result = solvers.solve_cg(hvp, b, damping, max_iter=sc.max_iter, tol=sc.tol, progress=cfg.progress)
-    elif sc.name == "neumann":
-        result = solvers.solve_neumann(hvp, b, damping, terms=sc.terms, power_iters=sc.power_iters, generator=gen,
-                                       tol=sc.tol, progress=cfg.progress)
-    else:
-        result = solvers.solve_lissa(hvp_subset, b, damping, depth=sc.depth, repeats=sc.repeats, generator=gen,
-                                     power_hvp=hvp, tol=sc.tol, progress=cfg.progress)
+    sc = cfg.solver
+    result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
+    retries = 3 if cfg.hessian.auto_damping and sc.name == "cg" else 0
+    while not result.converged and retries > 0 and result.iterations < sc.max_iter:
+        retries -= 1
+        curvature = Curvature(2 * curvature.damping, curvature.eigenvalue_min, curvature.eigenvalue_max,
+                              curvature.gamma)
+        log.warning("CG met negative curvature; retrying with damping %.3g", curvature.damping)
+        result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
     if not sc.allow_unconverged:
         solvers.check_converged(result, sc.tol)
     elif not result.converged:
