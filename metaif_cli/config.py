@@ -179,6 +179,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    threads: Optional[int] = None
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -190,6 +191,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("dtype", self.dtype, ("float32", "float64"))
+        if self.threads is not None:
+            _positive("threads", self.threads)
 
 
 def register_configs() -> None:

@@ -144,8 +144,9 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     t0 = time.perf_counter()
     for step in bar:
         idx = torch.randperm(n, generator=gen)[: o.meta_batch_size]
-        batch = pool.batch(images, idx.to(images.device) if images.is_cuda else idx)
-        batch = batch.with_weights(w=w[idx], u=u[idx], v=v[idx])
+        batch = pool.batch(images, idx)
+        dev_idx = idx.to(images.device)
+        batch = batch.with_weights(w=w[dev_idx], u=u[dev_idx], v=v[dev_idx])
         grads, losses = exp.learner.meta_gradient(lam, batch)
         loss = float((batch.w * losses).sum() / len(batch))
         if not math.isfinite(loss):

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from metaif_cli import constants as C
 from metaif_cli.cli import run_hydra_app
@@ -43,7 +44,10 @@ def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
 
 def _task(cfg) -> float:
     quiet_libraries()
-    results = run_train(to_typed(cfg), output_dir())
+    typed = to_typed(cfg)
+    if typed.threads:
+        torch.set_num_threads(typed.threads)  # oversubscribed threads slow small models several-fold
+    results = run_train(typed, output_dir())
     return float(results["test_acc"])
 
 

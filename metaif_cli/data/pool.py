@@ -44,17 +44,17 @@ class TaskPool:
         return self.spt_idx.shape[0]
 
     def batch(self, images: Tensor, index: Tensor | None = None) -> TaskBatch:
-        """Materialise tasks (all, or ``index``) as a :class:`TaskBatch` with unit weights."""
-        sel = slice(None) if index is None else index
-        spt, qry = self.spt_idx[sel], self.qry_idx[sel]
+        """Materialise tasks (all, or ``index``) as a :class:`TaskBatch` with unit weights on ``images.device``."""
+        sel = slice(None) if index is None else torch.as_tensor(index).cpu()
+        spt, qry, dev = self.spt_idx[sel], self.qry_idx[sel], images.device
         return TaskBatch(
-            x_spt=images[spt],  # [T, S, C, H, W]
-            y_spt=self.y_spt[sel],
-            u=torch.ones(spt.shape, dtype=images.dtype),
-            x_qry=images[qry],  # [T, Q, C, H, W]
-            y_qry=self.y_qry[sel],
-            v=torch.ones(qry.shape, dtype=images.dtype),
-            w=torch.ones(spt.shape[0], dtype=images.dtype),
+            x_spt=images[spt.to(dev)],  # [T, S, C, H, W]
+            y_spt=self.y_spt[sel].to(dev),
+            u=torch.ones(spt.shape, dtype=images.dtype, device=dev),
+            x_qry=images[qry.to(dev)],  # [T, Q, C, H, W]
+            y_qry=self.y_qry[sel].to(dev),
+            v=torch.ones(qry.shape, dtype=images.dtype, device=dev),
+            w=torch.ones(spt.shape[0], dtype=images.dtype, device=dev),
         )
 
 
