@@ -11,7 +11,6 @@ one ``s`` serves every unit).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def build_problem(run: LoadedRun, cfg: ScoreConfig, direct: bool = False) -> Pro
                                                                     for k, t in run.weights.items()})
     test_pool = exp.pools["test"]
     m = cfg.evaluation.num_tasks or len(test_pool)
-    test = test_pool.batch(exp.images, torch.arange(min(m, len(test_pool))).to(exp.images.device))
+    test = test_pool.batch(exp.images, torch.arange(min(m, len(test_pool))))
     kwargs = dict(n=len(train), delta_reg=run.train_cfg.optim.delta_reg, eval_kind=cfg.evaluation.kind)
     spec = FlatSpec.of(run.lam)
     if direct:
@@ -147,9 +146,3 @@ def settings_of(cfg: ScoreConfig) -> dict:
     """The settings that determine the scores (saved beside them and checked on reuse)."""
     ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size"}
     return {k: v for k, v in asdict(cfg).items() if k not in ignore}
-
-
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0

@@ -62,7 +62,7 @@ def _make_optimizer(params: list[torch.Tensor], exp: Experiment) -> torch.optim.
 
 def evaluate_split(exp: Experiment, lam: Params, split: str) -> dict[str, float]:
     """Mean query loss and accuracy (with 95% intervals) over a split's tasks after adaptation."""
-    batch = exp.pools[split].batch(exp.images.cpu()).to(exp.device, exp.dtype)
+    batch = exp.pools[split].batch(exp.images)
     losses, accs = exp.learner.evaluate(lam, batch)
     acc, acc_ci = mean_ci95(accs.double().cpu().numpy())
     loss, loss_ci = mean_ci95(losses.double().cpu().numpy())

@@ -134,8 +134,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         if exp is None:
             exp = build_experiment(cfg)
             pool = exp.pools["train"]
-            batch = pool.batch(exp.images.cpu(), torch.arange(min(args.meta_batch, len(pool)))).to(exp.device,
-                                                                                                    exp.dtype)
+            batch = pool.batch(exp.images, torch.arange(min(args.meta_batch, len(pool))))
         else:  # same data, pools and model; only the learner's settings change
             exp.cfg = cfg
             exp.learner.cfg = cfg.meta

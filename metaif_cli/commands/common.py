@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-T = TypeVar("T")
 
 
 def to_typed(cfg: DictConfig) -> object:
