@@ -69,7 +69,8 @@ def build_problem(run: LoadedRun, cfg: ScoreConfig, direct: bool = False) -> Pro
     test_pool = exp.pools["test"]
     m = cfg.evaluation.num_tasks or len(test_pool)
     test = test_pool.batch(exp.images, torch.arange(min(m, len(test_pool))))
-    kwargs = dict(n=len(train), delta_reg=run.train_cfg.optim.delta_reg, eval_kind=cfg.evaluation.kind)
+    kwargs = dict(n=len(train), delta_reg=run.train_cfg.optim.delta_reg, eval_kind=cfg.evaluation.kind,
+                  chunk=cfg.chunk, support=cfg.unit != "task")
     spec = FlatSpec.of(run.lam)
     if direct:
         return UnrolledProblem(exp.learner, spec, train, test, steps=0, **kwargs)
@@ -144,5 +145,5 @@ def pred_delta_lam(run: LoadedRun, cfg: ScoreConfig, units: list[tuple[str, int,
 
 def settings_of(cfg: ScoreConfig) -> dict:
     """The settings that determine the scores (saved beside them and checked on reuse)."""
-    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size"}
+    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk"}
     return {k: v for k, v in asdict(cfg).items() if k not in ignore}

@@ -414,6 +414,22 @@ def test_looped_equals_vmapped(key):
     torch.testing.assert_close(b.problem.task_losses(th), ref, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("key", ["maml-mlp", "anil-cnn4bn", "implicit"])
+def test_task_only_pass_equals_full_pass(key):
+    """``unit=task`` skips the support reverse pass: task and query scores unchanged, support NaN."""
+    st = implicit_setup() if key == "implicit" else unrolled_setup(key)
+    s = rand_vec(len(st.theta), 15)
+    full = st.problem.unit_scores(st.theta, s)
+    st.problem.support = False
+    try:
+        fast = st.problem.unit_scores(st.theta, s)
+    finally:
+        st.problem.support = True
+    torch.testing.assert_close(fast.task, full.task, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(fast.query, full.query, rtol=1e-12, atol=1e-15)
+    assert torch.isnan(fast.support).all() and fast.support.shape == full.support.shape
+
+
 def test_implicit_support_scores_without_third_order_term(implicit):
     """``support_third_order=False`` drops exactly ``m^T b_j`` (SPEC section 3, two-stage support IF)."""
     st = implicit

@@ -140,6 +140,9 @@ class ImplicitProblem(Problem):
             d = eta * jvp(self._qvalues(x_qry, y_qry), (phi,), (r,))[1]  # [Q]: s^T D l_j
             tasks.append(weighted_mean(d, v) / n)
             queries.append(w * d / (n * v.shape[0]))
+            if not self.support:
+                supports.append(torch.full_like(u, float("nan")))
+                continue
             q = solve(grad(qloss)(phi))
             t = solve(self._hess(qloss, phi, r))
             spt = self._qvalues(x_spt, y_spt)

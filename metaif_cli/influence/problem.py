@@ -44,9 +44,11 @@ class Problem:
     """Shared state and task iteration; subclasses implement the per-task mathematics."""
 
     def __init__(self, learner: MetaLearner, spec: FlatSpec, train: TaskBatch, test: TaskBatch, *,
-                 n: int, delta_reg: float, eval_kind: str = "mean_loss", chunk: int = 64) -> None:
+                 n: int, delta_reg: float, eval_kind: str = "mean_loss", chunk: int = 32,
+                 support: bool = True) -> None:
         self.learner, self.spec, self.train, self.test = learner, spec, train, test
         self.n, self.delta_reg, self.eval_kind, self.chunk = n, delta_reg, eval_kind, chunk
+        self.support = support  # False: unit_scores skips support instances (NaN), the costly part
         self.use_vmap = learner.cfg.vmap
         self.rank, self.world = 0, 1  # set by the caller under torchrun
 
@@ -103,7 +105,11 @@ class Problem:
         raise NotImplementedError
 
     def unit_scores(self, theta: Tensor, s: Tensor, index: Tensor | None = None) -> UnitScores:
-        """``s^T d_{w_e} grad F`` for every task and instance of ``index`` (default all)."""
+        """``s^T d_{w_e} grad F`` for every task and instance of ``index`` (default all).
+
+        Support scores are NaN when ``self.support`` is false: their reverse pass over ``u``
+        costs about twice the forward-mode product that gives the task and query scores.
+        """
         raise NotImplementedError
 
     def weight_gradient(self, theta: Tensor, task: int, role: str | None, position: int | None) -> Tensor:
@@ -189,9 +195,12 @@ class UnrolledProblem(Problem):
                 task_dir, d = directional(u)
                 ds = jvp(lambda t: self.learner.instance_losses(self.spec.unflatten(t), x_spt, y_spt), (th,), (sv,))[1]
                 support = w * ds / (n * u.shape[0])
-            else:
+            elif self.support:
                 gu, (task_dir, d) = torch.func.grad_and_value(directional, has_aux=True)(u)
                 support = w * gu / n
+            else:
+                task_dir, d = directional(u)
+                support = torch.full_like(u, float("nan"))
             return task_dir / n, w * d / (n * q), support
 
         task, query, support = self.map_tasks(one, self.train, theta, s, index=index, with_weight=True)
