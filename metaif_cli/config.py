@@ -78,7 +78,9 @@ class CorruptionConfig:
     """Label corruption for the harmful-data experiments (SPEC section 6).
 
     ``task_mode``: ``permute`` shuffles the labels among a task's instances (support and
-    query independently), ``replace`` gives every instance a random wrong label. Instance
+    query independently), ``replace`` gives every instance a random wrong label, ``shift``
+    keeps the support and labels every query instance of class ``c`` as ``c + 1`` (a
+    consistent wrong rule, which meta-training learns: the most harmful of the three). Instance
     corruption flips single labels to a random wrong one in the roles listed.
     """
 
@@ -90,7 +92,7 @@ class CorruptionConfig:
     def __post_init__(self) -> None:
         _fraction("corruption.task_fraction", self.task_fraction)
         _fraction("corruption.instance_fraction", self.instance_fraction)
-        _choice("corruption.task_mode", self.task_mode, ("permute", "replace"))
+        _choice("corruption.task_mode", self.task_mode, ("permute", "replace", "shift"))
         for role in self.instance_roles:
             _choice("corruption.instance_roles", role, ("support", "query"))
 

@@ -42,9 +42,15 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path, device: str | None = None, dtype: str | None = None) -> LoadedRun:
-    """Rebuild experiment, trained ``lam`` and pool weights from a run directory."""
+    """Rebuild experiment, trained ``lam`` and pool weights from a run directory.
+
+    The run's ``threads`` setting applies here too: scoring runs the same small networks
+    as training, and is timed against it (``scripts/bench_score.py``).
+    """
     saved = load_trained(run_dir)
     train_cfg = config_from_dict(saved["config"])
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
     exp = build_experiment(train_cfg, device=device, dtype=dtype)
     lam = {k: v.to(exp.device, exp.dtype) for k, v in saved["lam"].items()}
     pool = exp.pools["train"]
@@ -131,7 +137,7 @@ def pred_delta_lam(run: LoadedRun, cfg: ScoreConfig, units: list[tuple[str, int,
     """``(H + delta I)^{-1} d_{w_e} grad F`` for each requested unit, and for their sum (model editing)."""
     problem = build_problem(run, cfg, direct=cfg.method == "direct_if")
     theta = FlatSpec.of(run.lam).flatten(run.lam)
-    curvature = compute.choose_damping(problem, theta, cfg)
+    curvature = compute.choose_damping(problem, theta, cfg, problem.eval_grad(theta)[1].mean(0))
     out, total = {}, None
     for _, task, role, position in units:
         g = problem.weight_gradient(theta, task, role, position)

@@ -224,3 +224,60 @@ def test_cg_zero_rhs(spd):
     res = solve_cg(_hvp(spd), torch.zeros(P, dtype=DT), 0.0)
     assert res.converged and res.iterations == 0 and res.residual == 0.0
     assert torch.count_nonzero(res.x) == 0
+
+
+# ------------------------------------------------------------------ Lanczos: damping and solve in one basis
+def _counting(m: torch.Tensor):
+    calls = []
+
+    def hvp(v):
+        calls.append(1)
+        return m @ v
+    return hvp, calls
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_lanczos_solve_is_the_cg_iterate(spd, b, k):
+    """``||b|| Q_k (T_k + delta I)^{-1} e_1`` equals CG after ``k`` iterations (same Krylov space)."""
+    from metaif_cli.influence.krylov import Lanczos
+
+    process = Lanczos(_hvp(spd), b)
+    for _ in range(k):
+        process.step()
+    x, estimate, _ = process.solve(0.3)
+    cg = solve_cg(_hvp(spd), b, 0.3, max_iter=k, tol=1e-300)
+    torch.testing.assert_close(x, cg.x, rtol=1e-9, atol=1e-12)
+    # the estimated residual is the true one
+    assert estimate == pytest.approx(_true_residual(spd, 0.3, x, b), rel=1e-6)
+
+
+def test_auto_damped_solve_on_an_indefinite_matrix():
+    """Damping from the Ritz values, solve equal to the dense oracle, one product per step plus one."""
+    from metaif_cli.influence.krylov import damping_from, estimate_damping, solve_auto_damped
+
+    eig = torch.cat([torch.tensor([-2.0, -0.5], dtype=DT), torch.linspace(0.1, 4.0, P - 2, dtype=DT)])
+    m = _sym_with_spectrum(eig, seed=3)
+    b = torch.randn(P, generator=torch.Generator().manual_seed(4), dtype=DT)
+    hvp, calls = _counting(m)
+    auto = solve_auto_damped(hvp, b, base=0.01, damping_iters=P, max_iter=100, tol=1e-10)
+    assert auto.eigenvalue_min == pytest.approx(-2.0, rel=1e-8)  # P steps: the Ritz values are exact
+    assert auto.damping == pytest.approx(damping_from(-2.0, 0.01), rel=1e-8)
+    x_ref = torch.linalg.solve(m + auto.damping * torch.eye(P, dtype=DT), b)
+    torch.testing.assert_close(auto.result.x, x_ref, rtol=1e-9, atol=1e-12)
+    assert auto.result.converged and auto.result.residual < 1e-10
+    assert len(calls) == auto.result.iterations + 1  # the last product checks the true residual
+    # the damping alone, as `choose_damping` computes it for model editing, is the same number
+    assert estimate_damping(_hvp(m), b, 0.01, P)[0] == auto.damping
+
+
+def test_auto_damped_solve_stops_early_and_matches_damped_cg(spd, b):
+    """On an SPD matrix the damping stays at its base and the solve is CG's at that damping."""
+    from metaif_cli.influence.krylov import solve_auto_damped
+
+    auto = solve_auto_damped(_hvp(spd), b, base=0.1, damping_iters=5, max_iter=100, tol=1e-8)
+    assert auto.damping == 0.1 and auto.eigenvalue_min > 0
+    cg = solve_cg(_hvp(spd), b, 0.1, max_iter=100, tol=1e-8)
+    torch.testing.assert_close(auto.result.x, cg.x, rtol=1e-6, atol=1e-8)
+    assert auto.result.iterations <= cg.iterations + 1
+    zero = solve_auto_damped(_hvp(spd), torch.zeros(P, dtype=DT), base=0.1, damping_iters=5, max_iter=10, tol=1e-8)
+    assert zero.result.converged and float(zero.result.x.abs().max()) == 0.0

@@ -175,6 +175,28 @@ def test_same_seed_same_pool_different_seed_different_pool():
         not torch.equal(a["train.y_spt"], c["train.y_spt"])
 
 
+@pytest.mark.parametrize("mode", ["replace", "permute", "shift"])
+def test_task_corruption_modes(mode):
+    """``replace``: every label wrong; ``permute``: the task's labels reordered; ``shift``: support
+    intact, every query label ``c`` called ``c + 1`` (a consistent wrong rule)."""
+    dataset = load_digits()
+    dcfg = DatasetConfig(name="digits", ways=5, shots=2, queries=3, num_train_tasks=20, num_val_tasks=5,
+                         num_test_tasks=10, split_by="instance", split_fractions=[0.6, 0.1, 0.3])
+    train = build_pools(dataset, dcfg, CorruptionConfig(task_fraction=0.25, task_mode=mode), seed=0)["train"]
+    bad = train.task_corrupted
+    assert int(bad.sum()) == 5
+    clean_spt, clean_qry = train.true_y_spt, train.true_y_qry
+    assert torch.equal(train.y_spt[~bad], clean_spt[~bad]) and torch.equal(train.y_qry[~bad], clean_qry[~bad])
+    if mode == "replace":
+        assert (train.y_spt[bad] != clean_spt[bad]).all() and (train.y_qry[bad] != clean_qry[bad]).all()
+    elif mode == "permute":
+        for k in torch.nonzero(bad).flatten():
+            assert torch.equal(train.y_qry[k].sort().values, clean_qry[k].sort().values)
+    else:
+        assert torch.equal(train.y_spt[bad], clean_spt[bad])
+        assert torch.equal(train.y_qry[bad], (clean_qry[bad] + 1) % 5)
+
+
 TINY = ["debug=fast", "device=cpu", "progress=false", "model.hidden=8", "meta.inner_steps=1",
         "dataset.queries=4"]
 

@@ -136,6 +136,10 @@ def corrupt_pool(pool: TaskPool, cfg: CorruptionConfig, ways: int, gen: torch.Ge
     n_tasks = int(round(cfg.task_fraction * n))
     bad = torch.randperm(n, generator=gen)[:n_tasks]
     for k in bad.tolist():
+        if cfg.task_mode == "shift":  # the query follows a consistent wrong rule: class c is called c + 1
+            pool.y_qry[k] = (pool.y_qry[k] + 1) % ways
+            pool.task_corrupted[k] = True
+            continue
         for y in (pool.y_spt, pool.y_qry):
             if cfg.task_mode == "permute":
                 y[k] = y[k][torch.randperm(y.shape[1], generator=gen)]

@@ -2,8 +2,8 @@
 
 ``compute_scores`` runs one method end to end on a built problem:
 
-- ``if``: ``s = (H + delta I)^{-1} D f`` by the configured solver, then one pass over the
-  tasks (:meth:`Problem.unit_scores`);
+- ``if``: ``s = (H + delta I)^{-1} D f`` by the configured solver (the damping chosen on
+  the way, :mod:`krylov`), then one pass over the tasks (:meth:`Problem.unit_scores`);
 - ``grad_sim``: ``s = D f`` (identity Hessian);
 - ``direct_if``: ``if`` on the problem without adaptation (the paper's Direct-IF);
 - ``tracin``: ``sum_c lr_c (1/n) D f(lam_c)^T D L(lam_c)`` over the saved checkpoints;
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from metaif_cli.errors import MetaifError
-from metaif_cli.influence import solvers
+from metaif_cli.influence import krylov, solvers
 from metaif_cli.influence.problem import Problem, UnitScores
 from metaif_cli.score_config import ScoreConfig
 
@@ -83,15 +83,19 @@ class Curvature:
     gamma: float | None = None
 
 
-def choose_damping(problem: Problem, theta: Tensor, cfg: ScoreConfig) -> Curvature:
-    """The damping ``delta``: configured, raised above ``-lambda_min`` when ``auto_damping``."""
+def choose_damping(problem: Problem, theta: Tensor, cfg: ScoreConfig, start: Tensor) -> Curvature:
+    """The damping ``delta``: configured, or raised above ``-lambda_min`` when ``auto_damping``.
+
+    The spectrum is estimated by ``hessian.lanczos_iters`` Lanczos steps started at
+    ``start``, which must be the evaluation gradient ``D f``: then the damping equals the
+    one :func:`solve_ihvp` chooses on its way to ``s`` (:mod:`krylov`), so predicted
+    parameter changes and scores share one ``H + delta I``.
+    """
     index = hessian_index(problem.n, cfg)
     hvp, _, gamma = make_hvp(problem, theta, cfg, index)
     if not cfg.hessian.auto_damping:
         return Curvature(cfg.hessian.damping, gamma=gamma)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    lo, hi = solvers.lanczos_extremes(hvp, theta.numel(), theta.dtype, theta.device, cfg.hessian.lanczos_iters, gen)
-    damping = cfg.hessian.damping + 1.1 * max(0.0, -lo)
+    damping, lo, hi = krylov.estimate_damping(hvp, start, cfg.hessian.damping, cfg.hessian.lanczos_iters)
     log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", lo, hi, damping)
     return Curvature(damping, lo, hi, gamma)
 
@@ -115,22 +119,33 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: ScoreConfig,
                curvature: Curvature | None = None) -> tuple[solvers.SolveResult, Curvature]:
     """``(H + delta I)^{-1} b`` with the configured Hessian form and solver; refuses an unconverged solve.
 
-    With ``auto_damping``, a CG breakdown (negative curvature that the Lanczos estimate of
-    ``lambda_min`` missed: Ritz values lie inside the spectrum) doubles the damping and
-    retries, up to three times; the damping finally used is reported.
+    Without a given ``curvature``, ``b`` is taken as the Lanczos start of
+    :func:`choose_damping`. With ``auto_damping`` and ``cg`` the damping is then chosen
+    inside the solve from the same Hessian products (:func:`krylov.solve_auto_damped`);
+    the other solvers estimate it first. With a given ``curvature`` and ``cg``, a breakdown
+    under ``auto_damping`` (negative curvature the Lanczos estimate missed: Ritz values lie
+    inside the spectrum) doubles the damping and retries, up to three times.
     """
-    curvature = curvature or choose_damping(problem, theta, cfg)
     index = hessian_index(problem.n, cfg)
-    hvp, hvp_subset, _ = make_hvp(problem, theta, cfg, index)
+    hvp, hvp_subset, gamma = make_hvp(problem, theta, cfg, index)
     sc = cfg.solver
-    result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
-    retries = 3 if cfg.hessian.auto_damping and sc.name == "cg" else 0
-    while not result.converged and retries > 0 and result.iterations < sc.max_iter:
-        retries -= 1
-        curvature = Curvature(2 * curvature.damping, curvature.eigenvalue_min, curvature.eigenvalue_max,
-                              curvature.gamma)
-        log.warning("CG met negative curvature; retrying with damping %.3g", curvature.damping)
+    if curvature is None and cfg.hessian.auto_damping and sc.name == "cg":
+        auto = krylov.solve_auto_damped(hvp, b, cfg.hessian.damping, cfg.hessian.lanczos_iters, sc.max_iter,
+                                        sc.tol, progress=cfg.progress)
+        result = auto.result
+        curvature = Curvature(auto.damping, auto.eigenvalue_min, auto.eigenvalue_max, gamma)
+        log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", auto.eigenvalue_min,
+                 auto.eigenvalue_max, auto.damping)
+    else:
+        curvature = curvature or choose_damping(problem, theta, cfg, b)
         result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
+        retries = 3 if cfg.hessian.auto_damping and sc.name == "cg" else 0
+        while not result.converged and retries > 0 and result.iterations < sc.max_iter:
+            retries -= 1
+            curvature = Curvature(2 * curvature.damping, curvature.eigenvalue_min, curvature.eigenvalue_max,
+                                  curvature.gamma)
+            log.warning("CG met negative curvature; retrying with damping %.3g", curvature.damping)
+            result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
     if not sc.allow_unconverged:
         solvers.check_converged(result, sc.tol)
     elif not result.converged:
@@ -160,10 +175,7 @@ def influence(problem: Problem, theta: Tensor, cfg: ScoreConfig, use_solver: boo
     result, curvature, train_by_test = None, None, None
     t0 = time.perf_counter()
     if use_solver:
-        curvature = choose_damping(problem, theta, cfg)
-        times["curvature"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result, curvature = solve_ihvp(problem, theta, b, cfg, curvature)
+        result, curvature = solve_ihvp(problem, theta, b, cfg)
         s = result.x
     else:
         s = b

@@ -255,37 +255,6 @@ def power_iteration(
     return estimate
 
 
-def lanczos_extremes(hvp: Hvp, dim: int, dtype: torch.dtype, device: torch.device | str, iters: int = 20,
-                     generator: torch.Generator | None = None) -> tuple[float, float]:
-    """Smallest and largest eigenvalue estimates of symmetric ``H`` by ``iters`` Lanczos steps.
-
-    Full reorthogonalisation (``iters`` is small); the extreme Ritz values converge first
-    and approach the true extremes from inside the spectrum.
-    """
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    q = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device)
-    q = q / q.norm()
-    basis, alphas, betas = [q], [], []
-    for j in range(min(iters, dim)):
-        w = hvp(basis[-1].to(dtype)).to(torch.float64)
-        alpha = float(w @ basis[-1])
-        alphas.append(alpha)
-        for b in basis:  # full reorthogonalisation
-            w = w - (w @ b) * b
-        beta = float(w.norm())
-        if beta < 1e-12 or j == min(iters, dim) - 1:
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
-        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
-        tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
-    ritz = torch.linalg.eigvalsh(tri)
-    return float(ritz[0]), float(ritz[-1])
-
-
 def _neumann_scale(apply_a: Hvp, b: torch.Tensor, scale: float | None, power_iters: int,
                    generator: torch.Generator | None) -> tuple[float, float | None]:
     """Return ``(s, lambda_max)``: the given scale, or ``1.1 |lambda_max(A)|``."""

@@ -1,0 +1,159 @@
+"""Lanczos on the total Hessian: its extreme eigenvalues and the damped solve from one
+Krylov basis (SPEC section 2, ``hessian.auto_damping`` with ``solver.name=cg``).
+
+``H`` may be indefinite, so the damping is raised above ``-lambda_min``. Lanczos started
+at ``b`` gives both at once. Its tridiagonal ``T_k = Q_k^T H Q_k`` has Ritz values that
+approach the extreme eigenvalues from inside the spectrum, and
+
+    x_k = ||b|| Q_k (T_k + delta I)^{-1} e_1
+
+is the conjugate-gradient iterate for ``(H + delta I) x = b`` (CG is Lanczos with an
+implicit factorisation of ``T_k``; the shift ``delta`` leaves the Krylov space unchanged),
+with residual ``beta_k |e_k^T y_k|``. So the damping chosen from the first
+``damping_iters`` steps and the solve share every Hessian product, where estimating the
+spectrum first and then running CG would pay for both. The basis is kept in float64 with
+full reorthogonalisation (``k <= max_iter`` vectors of size ``P``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from metaif_cli.influence.solvers import SolveResult, _damped, _relative_residual
+
+log = logging.getLogger(__name__)
+
+Hvp = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Lanczos:
+    """The Lanczos process for symmetric ``H`` from the start vector ``b`` (float64 basis)."""
+
+    def __init__(self, hvp: Hvp, b: torch.Tensor) -> None:
+        self.hvp, self.dtype = hvp, b.dtype
+        b64 = b.to(torch.float64)
+        self.b_norm = float(b64.norm())
+        self.basis = (b64 / self.b_norm).unsqueeze(0)  # [k, P]
+        self.alphas: list[float] = []
+        self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}
+        self.exhausted = False  # an invariant subspace was found: the solve is exact there
+
+    @property
+    def steps(self) -> int:
+        return len(self.alphas)
+
+    def step(self) -> None:
+        """One Hessian product: extend ``T`` by one row and the basis by one vector."""
+        q = self.basis[-1]
+        w = self.hvp(q.to(self.dtype)).to(torch.float64)
+        alpha = float(w @ q)
+        for _ in range(2):  # full reorthogonalisation; twice is enough in floating point
+            w = w - self.basis.T @ (self.basis @ w)
+        beta = float(w.norm())
+        self.alphas.append(alpha)
+        self.betas.append(beta)
+        if not (math.isfinite(alpha) and math.isfinite(beta)) or beta <= 1e-12 * max(1.0, abs(alpha)):
+            self.exhausted = True
+            return
+        self.basis = torch.cat([self.basis, (w / beta).unsqueeze(0)])
+
+    def tridiagonal(self) -> torch.Tensor:
+        """``T_k``, ``[k, k]``."""
+        k = self.steps
+        tri = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+        if k > 1:
+            off = torch.tensor(self.betas[: k - 1], dtype=torch.float64)
+            tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+        return tri
+
+    def extremes(self) -> tuple[float, float]:
+        """Smallest and largest Ritz values (inside the spectrum of ``H``)."""
+        ritz = torch.linalg.eigvalsh(self.tridiagonal())
+        return float(ritz[0]), float(ritz[-1])
+
+    def solve(self, damping: float) -> tuple[torch.Tensor, float, float]:
+        """``x_k``, its estimated relative residual and ``lambda_min(T_k + delta I)``."""
+        k = self.steps
+        a = self.tridiagonal() + damping * torch.eye(k, dtype=torch.float64)
+        rhs = torch.zeros(k, dtype=torch.float64)
+        rhs[0] = self.b_norm
+        y = torch.linalg.solve(a, rhs)
+        estimate = 0.0 if self.exhausted else self.betas[k - 1] * abs(float(y[-1])) / self.b_norm
+        x = (self.basis[:k].T @ y).to(self.dtype)
+        return x, estimate, float(torch.linalg.eigvalsh(a)[0])
+
+
+def damping_from(lo: float, base: float) -> float:
+    """``delta = base + 1.1 max(0, -lambda_min)``: ``H + delta I`` positive definite."""
+    return base + 1.1 * max(0.0, -lo)
+
+
+def estimate_damping(hvp: Hvp, b: torch.Tensor, base: float, damping_iters: int) -> tuple[float, float, float]:
+    """``(delta, lambda_min, lambda_max)`` from ``damping_iters`` Lanczos steps started at ``b``.
+
+    The same numbers :func:`solve_auto_damped` chooses, without its solve.
+    """
+    process = Lanczos(hvp, b)
+    while process.steps < min(damping_iters, b.numel()) and not process.exhausted:
+        process.step()
+    lo, hi = process.extremes()
+    return damping_from(lo, base), lo, hi
+
+
+@dataclass
+class AutoDampedSolve:
+    """A solve with its damping chosen on the way, and the spectrum estimate behind it."""
+
+    result: SolveResult
+    damping: float
+    eigenvalue_min: float
+    eigenvalue_max: float
+
+
+def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, damping_iters: int, max_iter: int, tol: float,
+                      progress: bool = False) -> AutoDampedSolve:
+    """``(H + delta I)^{-1} b`` with ``delta`` chosen from the first ``damping_iters`` steps.
+
+    After ``damping_iters`` steps the damping is fixed to :func:`damping_from` of the
+    smallest Ritz value; the iteration then goes on until the estimated residual reaches
+    ``tol``. If later steps reveal more negative curvature (``T_k + delta I`` not positive
+    definite), the damping is doubled, up to three times, with no further products, as
+    plain CG does on breakdown. The reported residual is the true one (one more product).
+    """
+    if float(b.to(torch.float64).norm()) == 0:
+        return AutoDampedSolve(SolveResult(torch.zeros_like(b), 0, 0.0, True, "cg"), base, 0.0, 0.0)
+    process = Lanczos(hvp, b)
+    limit = min(max(max_iter, damping_iters), b.numel())
+    choose = min(damping_iters, limit)  # steps that choose the damping
+    bar = tqdm(total=limit, desc="iHVP lanczos-cg", disable=not progress, leave=False)
+    damping, lo, hi = base, 0.0, 0.0
+    while process.steps < limit and not process.exhausted:
+        process.step()
+        bar.update(1)
+        if process.steps <= choose:
+            lo, hi = process.extremes()
+            damping = damping_from(lo, base)
+            if process.steps < choose and not process.exhausted:
+                continue
+        estimate = process.solve(damping)[1]
+        bar.set_postfix(residual=f"{estimate:.1e}")
+        if estimate <= tol:
+            break
+    bar.close()
+    for _ in range(3):
+        x, estimate, smallest = process.solve(damping)
+        if smallest > 0:
+            break
+        damping *= 2
+        log.warning("Lanczos met negative curvature beyond its first %d steps; damping doubled to %.3g",
+                    damping_iters, damping)
+    residual = _relative_residual(_damped(hvp, damping), x, b)
+    result = SolveResult(x=x, iterations=process.steps, residual=residual, converged=residual <= tol,
+                         method="cg")
+    return AutoDampedSolve(result, damping, lo, hi)
