@@ -281,3 +281,29 @@ def test_auto_damped_solve_stops_early_and_matches_damped_cg(spd, b):
     assert auto.result.iterations <= cg.iterations + 1
     zero = solve_auto_damped(_hvp(spd), torch.zeros(P, dtype=DT), base=0.1, damping_iters=5, max_iter=10, tol=1e-8)
     assert zero.result.converged and float(zero.result.x.abs().max()) == 0.0
+
+
+def test_auto_damped_solve_with_nan_products_is_refused(b):
+    """A NaN Hessian product ends as an unconverged solve with a NaN residual, never a crash."""
+    from metaif_cli.influence.krylov import solve_auto_damped
+
+    auto = solve_auto_damped(lambda v: v * float("nan"), b, base=0.1, damping_iters=5, max_iter=10, tol=1e-8)
+    assert not auto.result.converged
+    with pytest.raises(MetaifError, match="did not converge"):
+        check_converged(auto.result, 1e-8)
+
+
+def test_auto_damped_solve_raises_the_damping_for_curvature_found_late():
+    """A negative direction hardly present in ``b`` shows after the damping was chosen: chosen again."""
+    from metaif_cli.influence.krylov import solve_auto_damped
+
+    eig = torch.cat([torch.tensor([-3.0], dtype=DT), torch.linspace(1.0, 4.0, P - 1, dtype=DT)])
+    q, _ = torch.linalg.qr(torch.randn(P, P, generator=torch.Generator().manual_seed(5), dtype=DT))
+    m = q @ torch.diag(eig) @ q.T
+    m = (m + m.T) / 2
+    b = q[:, 1:] @ torch.ones(P - 1, dtype=DT) + 1e-4 * q[:, 0]  # [P]: almost no -3 component
+    auto = solve_auto_damped(_hvp(m), b, base=0.1, damping_iters=2, max_iter=P, tol=1e-12)
+    assert auto.eigenvalue_min == pytest.approx(-3.0, rel=1e-6)  # P steps: every eigenvalue found
+    assert auto.damping == pytest.approx(0.1 + 1.1 * 3.0, rel=1e-6)
+    x_ref = torch.linalg.solve(m + auto.damping * torch.eye(P, dtype=DT), b)
+    assert float((auto.result.x - x_ref).norm() / x_ref.norm()) < 1e-6

@@ -73,14 +73,19 @@ class Lanczos:
         return tri
 
     def extremes(self) -> tuple[float, float]:
-        """Smallest and largest Ritz values (inside the spectrum of ``H``)."""
-        ritz = torch.linalg.eigvalsh(self.tridiagonal())
+        """Smallest and largest Ritz values (inside the spectrum of ``H``); NaN for a NaN product."""
+        tri = self.tridiagonal()
+        if not torch.isfinite(tri).all():
+            return math.nan, math.nan
+        ritz = torch.linalg.eigvalsh(tri)
         return float(ritz[0]), float(ritz[-1])
 
     def solve(self, damping: float) -> tuple[torch.Tensor, float, float]:
         """``x_k``, its estimated relative residual and ``lambda_min(T_k + delta I)``."""
         k = self.steps
         a = self.tridiagonal() + damping * torch.eye(k, dtype=torch.float64)
+        if not torch.isfinite(a).all():
+            return torch.full_like(self.basis[0], math.nan).to(self.dtype), math.inf, math.nan
         rhs = torch.zeros(k, dtype=torch.float64)
         rhs[0] = self.b_norm
         y = torch.linalg.solve(a, rhs)
@@ -123,8 +128,8 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, damping_iters: int
     After ``damping_iters`` steps the damping is fixed to :func:`damping_from` of the
     smallest Ritz value; the iteration then goes on until the estimated residual reaches
     ``tol``. If later steps reveal more negative curvature (``T_k + delta I`` not positive
-    definite), the damping is doubled, up to three times, with no further products, as
-    plain CG does on breakdown. The reported residual is the true one (one more product).
+    definite), the damping is chosen again by the same rule from all of ``T_k``, with no
+    further products (logged). The reported residual is the true one (one more product).
     """
     if float(b.to(torch.float64).norm()) == 0:
         return AutoDampedSolve(SolveResult(torch.zeros_like(b), 0, 0.0, True, "cg"), base, 0.0, 0.0)
@@ -146,13 +151,13 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, damping_iters: int
         if estimate <= tol:
             break
     bar.close()
-    for _ in range(3):
-        x, estimate, smallest = process.solve(damping)
-        if smallest > 0:
-            break
-        damping *= 2
-        log.warning("Lanczos met negative curvature beyond its first %d steps; damping doubled to %.3g",
-                    damping_iters, damping)
+    x, _, smallest = process.solve(damping)
+    if smallest <= 0:  # later steps found more negative curvature: the same rule on all of T_k
+        lo, hi = process.extremes()
+        damping = damping_from(lo, base)
+        log.warning("Lanczos met negative curvature (%.3g) after its first %d steps; damping raised to %.3g",
+                    lo, damping_iters, damping)
+        x = process.solve(damping)[0]
     residual = _relative_residual(_damped(hvp, damping), x, b)
     result = SolveResult(x=x, iterations=process.steps, residual=residual, converged=residual <= tol,
                          method="cg")
