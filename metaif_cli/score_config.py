@@ -23,13 +23,17 @@ class HessianConfig:
     default 128 keeps one Hessian product cheap on large pools and is exact on small ones).
     ``auto_damping``: meta-training rarely ends at a minimum and ``H`` is often indefinite;
     when true, the extreme eigenvalues are estimated by ``lanczos_iters`` Lanczos steps and
-    the damping raised to ``damping + 1.1 * max(0, -lambda_min)`` so ``H + delta I`` is
-    positive definite (the value used is reported in ``score.json``).
+    the damping raised to ``damping + damping_factor * max(0, -lambda_min)`` so ``H + delta I``
+    is positive definite (the value used is reported in ``score.json``). ``damping_factor``
+    2 (not just above 1) keeps the inverse from amplifying the most negative directions
+    most: on an undertrained Omniglot model (lambda_min -37) 1.1 detected corrupted tasks
+    with ROC AUC 0.63, 2 with 0.81, 4 with 0.84 (MNIST: 1.0 for all three).
     """
 
     form: str = "exact"
     damping: float = 0.01
     auto_damping: bool = True
+    damping_factor: float = 2.0
     lanczos_iters: int = 20
     gamma_scale: float = 1.0
     num_tasks: Optional[int] = 128
@@ -37,6 +41,9 @@ class HessianConfig:
     def __post_init__(self) -> None:
         _choice("hessian.form", self.form, HESSIAN_FORMS)
         _positive("hessian.damping", self.damping, allow_zero=True)
+        if not self.damping_factor > 1:
+            raise MetaifError(f"hessian.damping_factor={self.damping_factor} must be > 1 so that H + delta I is "
+                              "positive definite; use 2")
         _positive("hessian.gamma_scale", self.gamma_scale, allow_zero=True)
         if self.num_tasks is not None:
             _positive("hessian.num_tasks", self.num_tasks)

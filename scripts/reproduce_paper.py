@@ -37,7 +37,7 @@ log = logging.getLogger("reproduce_paper")
 # CPU-scale settings per dataset (GPU presets in conf/experiment/ are the paper-scale ones).
 TRAIN = {
     "omniglot": ["dataset=omniglot", "model=cnn4", "model.hidden=16", "dataset.num_train_tasks=100",
-                 "dataset.num_test_tasks=100", "dataset.queries=5", "optim.steps=200", "optim.meta_batch_size=8",
+                 "dataset.num_test_tasks=100", "dataset.queries=5", "optim.steps=400", "optim.meta_batch_size=8",
                  "optim.lr=0.003", "optim.eval_every=100", "meta.inner_steps=3", "meta.inner_lr=0.4", "threads=1"],
     "mnist": ["dataset=mnist", "model=mlp", "model.hidden=32", "dataset.shots=5", "dataset.queries=10",
               "dataset.num_train_tasks=100", "dataset.num_test_tasks=100", "optim.steps=200",

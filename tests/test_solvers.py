@@ -259,27 +259,27 @@ def test_auto_damped_solve_on_an_indefinite_matrix():
     m = _sym_with_spectrum(eig, seed=3)
     b = torch.randn(P, generator=torch.Generator().manual_seed(4), dtype=DT)
     hvp, calls = _counting(m)
-    auto = solve_auto_damped(hvp, b, base=0.01, damping_iters=P, max_iter=100, tol=1e-10)
+    auto = solve_auto_damped(hvp, b, base=0.01, factor=2.0, damping_iters=P, max_iter=100, tol=1e-10)
     assert auto.eigenvalue_min == pytest.approx(-2.0, rel=1e-8)  # P steps: the Ritz values are exact
-    assert auto.damping == pytest.approx(damping_from(-2.0, 0.01), rel=1e-8)
+    assert auto.damping == pytest.approx(damping_from(-2.0, 0.01, 2.0), rel=1e-8)
     x_ref = torch.linalg.solve(m + auto.damping * torch.eye(P, dtype=DT), b)
     torch.testing.assert_close(auto.result.x, x_ref, rtol=1e-9, atol=1e-12)
     assert auto.result.converged and auto.result.residual < 1e-10
     assert len(calls) == auto.result.iterations + 1  # the last product checks the true residual
     # the damping alone, as `choose_damping` computes it for model editing, is the same number
-    assert estimate_damping(_hvp(m), b, 0.01, P)[0] == auto.damping
+    assert estimate_damping(_hvp(m), b, 0.01, 2.0, P)[0] == auto.damping
 
 
 def test_auto_damped_solve_stops_early_and_matches_damped_cg(spd, b):
     """On an SPD matrix the damping stays at its base and the solve is CG's at that damping."""
     from metaif_cli.influence.krylov import solve_auto_damped
 
-    auto = solve_auto_damped(_hvp(spd), b, base=0.1, damping_iters=5, max_iter=100, tol=1e-8)
+    auto = solve_auto_damped(_hvp(spd), b, base=0.1, factor=2.0, damping_iters=5, max_iter=100, tol=1e-8)
     assert auto.damping == 0.1 and auto.eigenvalue_min > 0
     cg = solve_cg(_hvp(spd), b, 0.1, max_iter=100, tol=1e-8)
     torch.testing.assert_close(auto.result.x, cg.x, rtol=1e-6, atol=1e-8)
     assert auto.result.iterations <= cg.iterations + 1
-    zero = solve_auto_damped(_hvp(spd), torch.zeros(P, dtype=DT), base=0.1, damping_iters=5, max_iter=10, tol=1e-8)
+    zero = solve_auto_damped(_hvp(spd), torch.zeros(P, dtype=DT), base=0.1, factor=2.0, damping_iters=5, max_iter=10, tol=1e-8)
     assert zero.result.converged and float(zero.result.x.abs().max()) == 0.0
 
 
@@ -287,7 +287,7 @@ def test_auto_damped_solve_with_nan_products_is_refused(b):
     """A NaN Hessian product ends as an unconverged solve with a NaN residual, never a crash."""
     from metaif_cli.influence.krylov import solve_auto_damped
 
-    auto = solve_auto_damped(lambda v: v * float("nan"), b, base=0.1, damping_iters=5, max_iter=10, tol=1e-8)
+    auto = solve_auto_damped(lambda v: v * float("nan"), b, base=0.1, factor=2.0, damping_iters=5, max_iter=10, tol=1e-8)
     assert not auto.result.converged
     with pytest.raises(MetaifError, match="did not converge"):
         check_converged(auto.result, 1e-8)
@@ -302,8 +302,8 @@ def test_auto_damped_solve_raises_the_damping_for_curvature_found_late():
     m = q @ torch.diag(eig) @ q.T
     m = (m + m.T) / 2
     b = q[:, 1:] @ torch.ones(P - 1, dtype=DT) + 1e-4 * q[:, 0]  # [P]: almost no -3 component
-    auto = solve_auto_damped(_hvp(m), b, base=0.1, damping_iters=2, max_iter=P, tol=1e-12)
+    auto = solve_auto_damped(_hvp(m), b, base=0.1, factor=2.0, damping_iters=2, max_iter=P, tol=1e-12)
     assert auto.eigenvalue_min == pytest.approx(-3.0, rel=1e-6)  # P steps: every eigenvalue found
-    assert auto.damping == pytest.approx(0.1 + 1.1 * 3.0, rel=1e-6)
+    assert auto.damping == pytest.approx(0.1 + 2.0 * 3.0, rel=1e-6)
     x_ref = torch.linalg.solve(m + auto.damping * torch.eye(P, dtype=DT), b)
     assert float((auto.result.x - x_ref).norm() / x_ref.norm()) < 1e-6

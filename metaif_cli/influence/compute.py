@@ -95,7 +95,8 @@ def choose_damping(problem: Problem, theta: Tensor, cfg: ScoreConfig, start: Ten
     hvp, _, gamma = make_hvp(problem, theta, cfg, index)
     if not cfg.hessian.auto_damping:
         return Curvature(cfg.hessian.damping, gamma=gamma)
-    damping, lo, hi = krylov.estimate_damping(hvp, start, cfg.hessian.damping, cfg.hessian.lanczos_iters)
+    damping, lo, hi = krylov.estimate_damping(hvp, start, cfg.hessian.damping, cfg.hessian.damping_factor,
+                                              cfg.hessian.lanczos_iters)
     log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", lo, hi, damping)
     return Curvature(damping, lo, hi, gamma)
 
@@ -130,8 +131,8 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: ScoreConfig,
     hvp, hvp_subset, gamma = make_hvp(problem, theta, cfg, index)
     sc = cfg.solver
     if curvature is None and cfg.hessian.auto_damping and sc.name == "cg":
-        auto = krylov.solve_auto_damped(hvp, b, cfg.hessian.damping, cfg.hessian.lanczos_iters, sc.max_iter,
-                                        sc.tol, progress=cfg.progress)
+        auto = krylov.solve_auto_damped(hvp, b, cfg.hessian.damping, cfg.hessian.damping_factor,
+                                        cfg.hessian.lanczos_iters, sc.max_iter, sc.tol, progress=cfg.progress)
         result = auto.result
         curvature = Curvature(auto.damping, auto.eigenvalue_min, auto.eigenvalue_max, gamma)
         log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", auto.eigenvalue_min,

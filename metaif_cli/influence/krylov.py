@@ -94,12 +94,17 @@ class Lanczos:
         return x, estimate, float(torch.linalg.eigvalsh(a)[0])
 
 
-def damping_from(lo: float, base: float) -> float:
-    """``delta = base + 1.1 max(0, -lambda_min)``: ``H + delta I`` positive definite."""
-    return base + 1.1 * max(0.0, -lo)
+def damping_from(lo: float, base: float, factor: float) -> float:
+    """``delta = base + factor * max(0, -lambda_min)``: ``H + delta I`` positive definite for ``factor > 1``.
+
+    A factor near 1 leaves the most negative direction with the smallest damped eigenvalue,
+    so ``(H + delta I)^{-1}`` would amplify the least trustworthy curvature most.
+    """
+    return base + factor * max(0.0, -lo)
 
 
-def estimate_damping(hvp: Hvp, b: torch.Tensor, base: float, damping_iters: int) -> tuple[float, float, float]:
+def estimate_damping(hvp: Hvp, b: torch.Tensor, base: float, factor: float, damping_iters: int
+                     ) -> tuple[float, float, float]:
     """``(delta, lambda_min, lambda_max)`` from ``damping_iters`` Lanczos steps started at ``b``.
 
     The same numbers :func:`solve_auto_damped` chooses, without its solve.
@@ -108,7 +113,7 @@ def estimate_damping(hvp: Hvp, b: torch.Tensor, base: float, damping_iters: int)
     while process.steps < min(damping_iters, b.numel()) and not process.exhausted:
         process.step()
     lo, hi = process.extremes()
-    return damping_from(lo, base), lo, hi
+    return damping_from(lo, base, factor), lo, hi
 
 
 @dataclass
@@ -121,8 +126,8 @@ class AutoDampedSolve:
     eigenvalue_max: float
 
 
-def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, damping_iters: int, max_iter: int, tol: float,
-                      progress: bool = False) -> AutoDampedSolve:
+def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, damping_iters: int, max_iter: int,
+                      tol: float, progress: bool = False) -> AutoDampedSolve:
     """``(H + delta I)^{-1} b`` with ``delta`` chosen from the first ``damping_iters`` steps.
 
     After ``damping_iters`` steps the damping is fixed to :func:`damping_from` of the
@@ -143,7 +148,7 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, damping_iters: int
         bar.update(1)
         if process.steps <= choose:
             lo, hi = process.extremes()
-            damping = damping_from(lo, base)
+            damping = damping_from(lo, base, factor)
             if process.steps < choose and not process.exhausted:
                 continue
         estimate = process.solve(damping)[1]
@@ -154,7 +159,7 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, damping_iters: int
     x, _, smallest = process.solve(damping)
     if smallest <= 0:  # later steps found more negative curvature: the same rule on all of T_k
         lo, hi = process.extremes()
-        damping = damping_from(lo, base)
+        damping = damping_from(lo, base, factor)
         log.warning("Lanczos met negative curvature (%.3g) after its first %d steps; damping raised to %.3g",
                     lo, damping_iters, damping)
         x = process.solve(damping)[0]
