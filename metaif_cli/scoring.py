@@ -137,7 +137,7 @@ def pred_delta_lam(run: LoadedRun, cfg: ScoreConfig, units: list[tuple[str, int,
     """``(H + delta I)^{-1} d_{w_e} grad F`` for each requested unit, and for their sum (model editing)."""
     problem = build_problem(run, cfg, direct=cfg.method == "direct_if")
     theta = FlatSpec.of(run.lam).flatten(run.lam)
-    curvature = compute.choose_damping(problem, theta, cfg, problem.eval_grad(theta)[1].mean(0))
+    curvature = compute.choose_damping(problem, theta, cfg)
     out, total = {}, None
     for _, task, role, position in units:
         g = problem.weight_gradient(theta, task, role, position)

@@ -83,18 +83,20 @@ class Curvature:
     gamma: float | None = None
 
 
-def choose_damping(problem: Problem, theta: Tensor, cfg: ScoreConfig, start: Tensor) -> Curvature:
+def choose_damping(problem: Problem, theta: Tensor, cfg: ScoreConfig, start: Tensor | None = None) -> Curvature:
     """The damping ``delta``: configured, or raised above ``-lambda_min`` when ``auto_damping``.
 
-    The spectrum is estimated by ``hessian.lanczos_iters`` Lanczos steps started at
-    ``start``, which must be the evaluation gradient ``D f``: then the damping equals the
-    one :func:`solve_ihvp` chooses on its way to ``s`` (:mod:`krylov`), so predicted
+    The spectrum is estimated by ``hessian.lanczos_iters`` Lanczos steps started at the
+    evaluation gradient ``D f`` (``start`` when the caller has it): then the damping equals
+    the one :func:`solve_ihvp` chooses on its way to ``s`` (:mod:`krylov`), so predicted
     parameter changes and scores share one ``H + delta I``.
     """
     index = hessian_index(problem.n, cfg)
     hvp, _, gamma = make_hvp(problem, theta, cfg, index)
     if not cfg.hessian.auto_damping:
         return Curvature(cfg.hessian.damping, gamma=gamma)
+    if start is None:
+        start = problem.eval_grad(theta)[1].mean(0)
     damping, lo, hi = krylov.estimate_damping(hvp, start, cfg.hessian.damping, cfg.hessian.damping_factor,
                                               cfg.hessian.lanczos_iters)
     log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", lo, hi, damping)

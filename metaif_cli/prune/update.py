@@ -59,8 +59,7 @@ class IFEditor:
     def curvature(self) -> compute.Curvature:
         """The damping of ``H + delta I`` (chosen once, as ``score`` does: Lanczos from ``D f``)."""
         if self._curvature is None:
-            start = self.problem.eval_grad(self.theta)[1].mean(0)
-            self._curvature = compute.choose_damping(self.problem, self.theta, self.cfg, start)
+            self._curvature = compute.choose_damping(self.problem, self.theta, self.cfg)
         return self._curvature
 
     def delta_lam(self, units: list[Unit]) -> torch.Tensor:
