@@ -118,6 +118,32 @@ def test_prune_results_table(pruned):
     assert (out / C.MAIN_TABLE_MD).read_text().startswith("| method | fraction | test_acc")
 
 
+def test_detection_curve_follows_each_ranking(pruned, tmp_path, monkeypatch):
+    """The prune run plots it; the oracle's order finds every corrupted unit first, a subset ranking is left out."""
+    from metaif_cli import plots
+    from metaif_cli.prune import report
+
+    out, _, _ = pruned
+    assert (out / C.DETECTION_CURVE_PNG.format(unit="task")).stat().st_size > 0
+    flags = pd.Series([False, True, False, True], index=[f"task:{k}" for k in range(4)])
+
+    def ranking(method, ids):
+        table = pd.DataFrame({"unit_id": ids, "score": range(len(ids)), "rank": range(1, len(ids) + 1)})
+        return Ranking(method, table, "score", 0.0, "test")
+
+    seen = {}
+    monkeypatch.setattr(plots, "plot_detection_curve", lambda curves, path, title, corrupted_fraction: seen.update(
+        curves=curves, fraction=corrupted_fraction))
+    rankings = {"oracle": ranking("oracle", ["task:1", "task:3", "task:0", "task:2"]),
+                "if": ranking("if", ["task:0", "task:1", "task:2", "task:3"]),
+                "retrain": ranking("retrain", ["task:3"])}
+    report.write_detection_curve(tmp_path, rankings, flags, "task", seed=0)
+    assert set(seen["curves"]) == {"oracle", "if", "random"} and seen["fraction"] == 0.5
+    np.testing.assert_allclose(seen["curves"]["oracle"][1][-4:], [0.5, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(seen["curves"]["if"][1][-4:], [0.0, 0.5, 0.5, 1.0])
+    assert report.write_detection_curve(tmp_path, rankings, flags & False, "task", seed=0) is None
+
+
 def test_oracle_removes_exactly_the_corrupted_tasks(pruned, corrupted_run):
     out, _, results = pruned
     flags = corrupted_flags(pd.read_csv(corrupted_run / C.TASKS_CSV), "task")

@@ -153,6 +153,9 @@ def remove_protocol(ctx: Context) -> dict:
     results = pd.DataFrame(rows)
     title = f"{run.run_dir.name}: {cfg.unit} removal ({cfg.update})"
     paths = report.write_prune_outputs(ctx.out_dir, results, title)
+    detection = report.write_detection_curve(ctx.out_dir, rankings, ctx.flags, cfg.unit, cfg.seed)
+    if detection is not None:
+        paths["detection_plot"] = detection
     summary = {"run": str(run.run_dir), "protocol": "remove", "unit": cfg.unit, "update": cfg.update, "n_units": n,
                "n_corrupted": int(ctx.flags.sum()),
                "rankings": {m: {"seconds": r.seconds, "source": r.source, "column": r.column}

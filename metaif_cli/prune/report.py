@@ -9,6 +9,9 @@
   is the share of all recorded corrupted units that were removed (recall, E3).
 - ``accuracy_vs_fraction.png``; ``main_table.csv``/``.md``: per method, accuracy after
   removing 40% (or the nearest fraction run) and the selection runtime (the paper's table).
+- ``detection_curve_<unit>.png`` when corruption is recorded: fraction of the corrupted
+  units found against the fraction inspected in each method's order (E3), with the
+  expected curve of a random order.
 - ``loo_results.csv``: ``unit_id, unit, pred_delta_test_loss, actual_delta_test_loss,
   retrain, cos_delta_lam, norm_ratio_delta_lam``; ``loo_summary.json``: Pearson, Spearman
   and sign agreement per retrain mode with the cosine/norm-ratio statistics;
@@ -82,6 +85,26 @@ def write_prune_outputs(out_dir: Path, results: pd.DataFrame, title: str) -> dic
     plot_accuracy_vs_fraction(curves, out_dir / C.ACCURACY_PNG, title)
     return {"prune_results": str(out_dir / C.PRUNE_RESULTS_CSV), "main_table": str(out_dir / C.MAIN_TABLE_MD),
             "accuracy_plot": str(out_dir / C.ACCURACY_PNG)}
+
+
+def write_detection_curve(out_dir: Path, rankings: dict, flags: pd.Series, unit: str, seed: int) -> str | None:
+    """Detection curves of every ranking that orders all units; None without recorded corruption."""
+    from metaif_cli.metrics import detection_curve, random_detection_curve
+    from metaif_cli.plots import plot_detection_curve
+
+    corrupted = flags.to_numpy(dtype=bool)
+    if not corrupted.any():
+        return None
+    curves = {}
+    for method, ranking in rankings.items():
+        if method == "random" or len(ranking.table) < len(flags):  # a subset ("retrain") orders no inspection
+            continue
+        in_order = flags.loc[ranking.table.unit_id].to_numpy(dtype=bool)  # most harmful first
+        curves[method] = detection_curve(np.arange(len(in_order), dtype=float), in_order)
+    curves["random"] = random_detection_curve(len(corrupted), corrupted, generator_seed=seed)
+    path = out_dir / C.DETECTION_CURVE_PNG.format(unit=unit)
+    plot_detection_curve(curves, path, f"corrupted {unit}s found", corrupted_fraction=float(corrupted.mean()))
+    return str(path)
 
 
 def loo_summary(table: pd.DataFrame) -> dict[str, dict]:
