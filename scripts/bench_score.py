@@ -95,11 +95,11 @@ def solver_rows(run, base: ScoreConfig, label: str) -> list[dict]:
     """
     rows = []
     theta = FlatSpec.of(run.lam).flatten(run.lam)
+    problem = build_problem(run, base)  # the form only changes the products (``cfg.hessian``)
+    b = problem.eval_grad(theta)[1].mean(0)
     for form in ("exact", "no_third_order", "gamma"):
         cfg_form = replace(base, hessian=replace(base.hessian, form=form),
                            solver=replace(base.solver, name="cg", allow_unconverged=True))
-        problem = build_problem(run, cfg_form)
-        b = problem.eval_grad(theta)[1].mean(0)
         t0 = time.perf_counter()
         res, curvature = compute.solve_ihvp(problem, theta, b, cfg_form)
         rows.append({"part": label, "form": form, "solver": "cg", "damping_choice": "in_solve",
@@ -144,12 +144,12 @@ def accuracy_rows(run_dir: Path) -> list[dict]:
     """
     run = load_run(run_dir, dtype="float64")
     rows = []
+    theta = FlatSpec.of(run.lam).flatten(run.lam)
+    problem = build_problem(run, ScoreConfig(run=str(run_dir), progress=False))  # the form changes the products only
+    b = problem.eval_grad(theta)[1].mean(0)
     for form in ("exact", "no_third_order", "gamma"):
         base = ScoreConfig(run=str(run_dir), progress=False, hessian=HessianConfig(form=form, num_tasks=16),
                            solver=SolverConfig(name="dense"))
-        problem = build_problem(run, base)
-        theta = FlatSpec.of(run.lam).flatten(run.lam)
-        b = problem.eval_grad(theta)[1].mean(0)
         curvature = compute.choose_damping(problem, theta, base, b)
         t0 = time.perf_counter()
         ref = compute.solve_ihvp(problem, theta, b, base, curvature)[0]

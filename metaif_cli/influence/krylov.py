@@ -80,18 +80,18 @@ class Lanczos:
         ritz = torch.linalg.eigvalsh(tri)
         return float(ritz[0]), float(ritz[-1])
 
-    def solve(self, damping: float) -> tuple[torch.Tensor, float, float]:
-        """``x_k``, its estimated relative residual and ``lambda_min(T_k + delta I)``."""
+    def solve(self, damping: float) -> tuple[torch.Tensor, float]:
+        """``x_k`` and its estimated relative residual."""
         k = self.steps
         a = self.tridiagonal() + damping * torch.eye(k, dtype=torch.float64)
         if not torch.isfinite(a).all():
-            return torch.full_like(self.basis[0], math.nan).to(self.dtype), math.inf, math.nan
+            return torch.full_like(self.basis[0], math.nan).to(self.dtype), math.inf
         rhs = torch.zeros(k, dtype=torch.float64)
         rhs[0] = self.b_norm
         y = torch.linalg.solve(a, rhs)
         estimate = 0.0 if self.exhausted else self.betas[k - 1] * abs(float(y[-1])) / self.b_norm
         x = (self.basis[:k].T @ y).to(self.dtype)
-        return x, estimate, float(torch.linalg.eigvalsh(a)[0])
+        return x, estimate
 
 
 def damping_from(lo: float, base: float, factor: float) -> float:
@@ -143,6 +143,7 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, dam
     choose = min(damping_iters, limit)  # steps that choose the damping
     bar = tqdm(total=limit, desc="iHVP lanczos-cg", disable=not progress, leave=False)
     damping, lo, hi = base, 0.0, 0.0
+    x = torch.zeros_like(b)  # the loop always solves at least once (at step ``choose`` or on exhaustion)
     while process.steps < limit and not process.exhausted:
         process.step()
         bar.update(1)
@@ -151,13 +152,12 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, dam
             damping = damping_from(lo, base, factor)
             if process.steps < choose and not process.exhausted:
                 continue
-        estimate = process.solve(damping)[1]
+        x, estimate = process.solve(damping)
         bar.set_postfix(residual=f"{estimate:.1e}")
         if estimate <= tol:
             break
     bar.close()
-    x, _, smallest = process.solve(damping)
-    if smallest <= 0:  # later steps found more negative curvature: the same rule on all of T_k
+    if process.extremes()[0] + damping <= 0:  # later steps found more negative curvature: same rule, all of T_k
         lo, hi = process.extremes()
         damping = damping_from(lo, base, factor)
         log.warning("Lanczos met negative curvature (%.3g) after its first %d steps; damping raised to %.3g",
