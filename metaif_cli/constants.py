@@ -1,4 +1,5 @@
-"""Names of every file metaif writes, in one place (STYLE, kronfluence's constants)."""
+"""Names of every file metaif writes, in one place (STYLE, kronfluence's constants); the score
+column's sign convention (SPEC section 3)."""
 
 # metaif train
 TASKS_CSV = "tasks.csv"

@@ -27,12 +27,17 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-from metaif_cli.config import DataConfig, DatasetConfig, MetaConfig, ModelConfig, OptimConfig, TrainConfig
+from metaif_cli.data.config import DataConfig, DatasetConfig
 from metaif_cli.influence import compute
+from metaif_cli.influence.config import HessianConfig, SolverConfig
 from metaif_cli.io import save_csv, save_json
+from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.params import FlatSpec
-from metaif_cli.score_config import HessianConfig, ScoreConfig, SolverConfig
-from metaif_cli.scoring import build_problem, load_run, run_method
+from metaif_cli.models.config import ModelConfig
+from metaif_cli.score.config import ScoreConfig
+from metaif_cli.score.methods import build_problem, run_method
+from metaif_cli.score.run import load_run
+from metaif_cli.train.config import OptimConfig, TrainConfig
 
 log = logging.getLogger("bench_score")
 
@@ -123,7 +128,7 @@ def solver_rows(run, base: ScoreConfig, label: str) -> list[dict]:
 
 def small_run(root: str, out: Path) -> Path:
     """A small cnn4 on the same Omniglot data, so ``dense`` (one HVP per parameter) is affordable."""
-    from metaif_cli.commands.train import run_train
+    from metaif_cli.train.command import run_train
 
     cfg = TrainConfig(seed=0, device="cpu", progress=False, data=DataConfig(root=root, cache=".cache/metaif"),
                       dataset=DatasetConfig(name="omniglot", ways=5, shots=1, queries=5, num_train_tasks=64,

@@ -2,7 +2,7 @@
 """Meta-gradient throughput on real Omniglot: loop vs vmap, first- vs second-order, MAML vs ANIL.
 
 Builds the 5-way 1-shot Omniglot experiment (cnn4, meta-batch 16 by default) through
-:func:`metaif_cli.experiment.build_experiment` and times
+:func:`metaif_cli.train.experiment.build_experiment` and times
 ``learner.meta_gradient(lam, batch, use_vmap=...)`` for every combination of
 ``{maml, anil} x {second-order, first-order} x {loop, vmap}``, plus iMAML (loop and
 vmap). Each row is timed after a warm-up, as the median over ``--repeats`` runs of
@@ -48,9 +48,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from metaif_cli.config import DataConfig, DatasetConfig, MetaConfig, ModelConfig, OptimConfig, TrainConfig
-from metaif_cli.experiment import build_experiment
+from metaif_cli.data.config import DataConfig, DatasetConfig
 from metaif_cli.io import save_csv
+from metaif_cli.meta.config import MetaConfig
+from metaif_cli.models.config import ModelConfig
+from metaif_cli.train.config import OptimConfig, TrainConfig
+from metaif_cli.train.experiment import build_experiment
 
 # (method, first_order): iMAML has no first-order variant (its meta-gradient is implicit).
 VARIANTS = [("maml", False), ("maml", True), ("anil", False), ("anil", True), ("imaml", False)]

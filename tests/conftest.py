@@ -9,9 +9,9 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-from metaif_cli.config import ModelConfig
+from metaif_cli.models.config import ModelConfig
 from metaif_cli.meta.tasks import TaskBatch
-from metaif_cli.models import MetaModel, build_model
+from metaif_cli.models.networks import MetaModel, build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, hessian, vmap
 
-from metaif_cli.config import MetaConfig, ModelConfig
 from metaif_cli.influence.implicit import ImplicitProblem
 from metaif_cli.influence.problem import Problem, UnrolledProblem
+from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import FlatSpec
 from metaif_cli.meta.tasks import TaskBatch
-from metaif_cli.models import MetaModel, build_model, logits, params_of
+from metaif_cli.models.config import ModelConfig
+from metaif_cli.models.networks import MetaModel, build_model, logits, params_of
 
 DT = torch.float64
 

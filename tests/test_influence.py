@@ -28,7 +28,8 @@ import influence_helpers as H
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores, UnrolledProblem
-from metaif_cli.score_config import HessianConfig, ScoreConfig, SolverConfig
+from metaif_cli.influence.config import HessianConfig, SolverConfig
+from metaif_cli.score.config import ScoreConfig
 
 DT = torch.float64
 DELTA_REG = 0.01
@@ -483,7 +484,7 @@ def test_margin_evaluation_gradient_matches_finite_differences(vmap):
 def test_per_task_evaluation_and_shards_are_consistent():
     """``train_by_test[:, t]`` scores against test task ``t`` alone; their mean is the task score
     (``f`` is the mean of the ``f_t``); a shard's scores are the rows of the full pass."""
-    from metaif_cli.score_config import EvaluationConfig
+    from metaif_cli.influence.config import EvaluationConfig
 
     st = unrolled_setup("maml-mlp")
     problem = UnrolledProblem(st.learner, st.spec, st.train, st.test, n=st.n, delta_reg=DELTA_REG,

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, jvp
 
-from metaif_cli.config import MetaConfig
+from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import FlatSpec, Params
 from metaif_cli.meta.tasks import TaskBatch
-from metaif_cli.models import BatchNormPrimitive, MetaModel, params_of
+from metaif_cli.models.networks import BatchNormPrimitive, MetaModel, params_of
 
 pytestmark = pytest.mark.usefixtures("float64")
 

@@ -1,4 +1,4 @@
-"""Tests of metaif_cli.metrics (hand examples and brute-force oracles) and plots."""
+"""Tests of metaif_cli.reports: metrics (hand examples and brute-force oracles) and plots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from metaif_cli import metrics, plots
+from metaif_cli.reports import (agreement, detection, instance_grids, intervals, prune_plots, score_plots,
+                                training_plots)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -20,7 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_detection_curve_hand_example():
     scores = np.array([0.3, -1.0, 0.5, -0.2, 0.0])
     corrupted = np.array([0, 1, 0, 0, 1], dtype=bool)
-    x, y = metrics.detection_curve(scores, corrupted)
+    x, y = detection.detection_curve(scores, corrupted)
     np.testing.assert_allclose(x, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     # Inspection order 1 (c), 3, 4 (c), 0, 2.
     np.testing.assert_allclose(y, [0.0, 0.5, 0.5, 1.0, 1.0, 1.0])
@@ -29,29 +30,29 @@ def test_detection_curve_hand_example():
 def test_detection_curve_harmful_high_and_ties():
     scores = np.array([0.3, -1.0, 0.5, -0.2, 0.0])
     corrupted = np.array([0, 1, 0, 0, 1], dtype=bool)
-    _, y = metrics.detection_curve(scores, corrupted, harmful_low=False)
+    _, y = detection.detection_curve(scores, corrupted, harmful_low=False)
     # Order 2, 0, 4 (c), 3, 1 (c).
     np.testing.assert_allclose(y, [0.0, 0.0, 0.0, 0.5, 0.5, 1.0])
     # Ties broken stably by index.
-    _, y = metrics.detection_curve(np.zeros(3), np.array([False, False, True]))
+    _, y = detection.detection_curve(np.zeros(3), np.array([False, False, True]))
     np.testing.assert_allclose(y, [0.0, 0.0, 0.0, 1.0])
 
 
 def test_detection_curve_no_corrupted_is_nan():
-    x, y = metrics.detection_curve(np.array([1.0, 2.0]), np.array([False, False]))
+    x, y = detection.detection_curve(np.array([1.0, 2.0]), np.array([False, False]))
     assert x.shape == (3,) and np.all(np.isnan(y))
 
 
 def test_random_detection_curve_seeded_and_near_diagonal():
     corrupted = np.zeros(50, dtype=bool)
     corrupted[:10] = True
-    x1, y1 = metrics.random_detection_curve(50, corrupted, generator_seed=0, repeats=200)
-    _, y2 = metrics.random_detection_curve(50, corrupted, generator_seed=0, repeats=200)
+    x1, y1 = detection.random_detection_curve(50, corrupted, generator_seed=0, repeats=200)
+    _, y2 = detection.random_detection_curve(50, corrupted, generator_seed=0, repeats=200)
     np.testing.assert_array_equal(y1, y2)
     assert y1[0] == 0.0 and y1[-1] == 1.0
     assert np.max(np.abs(y1 - x1)) < 0.1
     with pytest.raises(ValueError):
-        metrics.random_detection_curve(49, corrupted, generator_seed=0)
+        detection.random_detection_curve(49, corrupted, generator_seed=0)
 
 
 def _brute_force_auc(h: np.ndarray, pos: np.ndarray) -> float:
@@ -67,7 +68,7 @@ def test_roc_auc_matches_brute_force_with_ties():
         scores = rng.integers(-3, 4, size=n).astype(float)  # many ties
         corrupted = rng.random(n) < 0.3
         corrupted[0], corrupted[1] = True, False
-        got = metrics.detection_summary(scores, corrupted)["roc_auc"]
+        got = detection.detection_summary(scores, corrupted)["roc_auc"]
         assert got == pytest.approx(_brute_force_auc(-scores, corrupted), abs=1e-12)
 
 
@@ -75,15 +76,15 @@ def test_average_precision_hand_examples():
     h = np.array([0.9, 0.8, 0.7, 0.6])
     pos = np.array([1, 0, 1, 0], dtype=bool)
     # Hits at ranks 1 and 3: (1 + 2/3) / 2.
-    assert metrics.average_precision(h, pos) == pytest.approx(5 / 6)
+    assert detection.average_precision(h, pos) == pytest.approx(5 / 6)
     # A tie between a positive and a negative enters as one threshold, whatever the order.
     h = np.array([0.9, 0.5, 0.5, 0.1])
     for pos in ([1, 1, 0, 0], [1, 0, 1, 0]):
-        assert metrics.average_precision(h, np.array(pos, bool)) == pytest.approx(
+        assert detection.average_precision(h, np.array(pos, bool)) == pytest.approx(
             0.5 * 1 + 0.5 * 2 / 3
         )
     # Through detection_summary: harmfulness = -score.
-    summary = metrics.detection_summary(-np.array([0.9, 0.8, 0.7, 0.6]),
+    summary = detection.detection_summary(-np.array([0.9, 0.8, 0.7, 0.6]),
                                         np.array([1, 0, 1, 0], bool))
     assert summary["average_precision"] == pytest.approx(5 / 6)
     assert summary["roc_auc"] == pytest.approx(0.75)
@@ -93,28 +94,28 @@ def test_found_at_fractions():
     scores = np.arange(10, dtype=float)
     corrupted = np.zeros(10, dtype=bool)
     corrupted[[0, 1, 5, 9]] = True
-    s = metrics.detection_summary(scores, corrupted)
+    s = detection.detection_summary(scores, corrupted)
     assert s["found_at_10"] == pytest.approx(0.25)
     assert s["found_at_20"] == pytest.approx(0.5)
     assert s["found_at_40"] == pytest.approx(0.5)
     assert s["n"] == 10 and s["n_corrupted"] == 4
     # Perfect ranking: all found by the corrupted share.
-    s = metrics.detection_summary(np.where(corrupted, -1.0, 1.0), corrupted)
+    s = detection.detection_summary(np.where(corrupted, -1.0, 1.0), corrupted)
     assert s["found_at_40"] == 1.0 and s["roc_auc"] == 1.0 and s["average_precision"] == 1.0
 
 
 @pytest.mark.parametrize("flags", [np.zeros(6, bool), np.ones(6, bool)])
 def test_detection_summary_degenerate_gives_nan(flags):
-    s = metrics.detection_summary(np.linspace(-1, 1, 6), flags)
+    s = detection.detection_summary(np.linspace(-1, 1, 6), flags)
     for key in ("roc_auc", "average_precision", "found_at_10", "found_at_20", "found_at_40"):
         assert math.isnan(s[key])
 
 
 def test_detection_rejects_bad_input():
     with pytest.raises(ValueError):
-        metrics.detection_summary(np.zeros(3), np.zeros(4, bool))
+        detection.detection_summary(np.zeros(3), np.zeros(4, bool))
     with pytest.raises(ValueError):
-        metrics.detection_curve(np.array([0.0, np.nan]), np.array([True, False]))
+        detection.detection_curve(np.array([0.0, np.nan]), np.array([True, False]))
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -125,7 +126,7 @@ def test_correlation_summary_against_scipy():
     actual = rng.normal(size=40)
     pred = actual + 0.5 * rng.normal(size=40)
     actual[3] = 0.0
-    s = metrics.correlation_summary(pred, actual)
+    s = agreement.correlation_summary(pred, actual)
     assert s["pearson"] == pytest.approx(stats.pearsonr(pred, actual)[0])
     assert s["spearman"] == pytest.approx(stats.spearmanr(pred, actual)[0])
     mask = actual != 0
@@ -136,32 +137,32 @@ def test_correlation_summary_against_scipy():
 
 
 def test_correlation_summary_hand_and_degenerate():
-    s = metrics.correlation_summary(np.array([1.0, -1.0, 2.0, 0.5]),
+    s = agreement.correlation_summary(np.array([1.0, -1.0, 2.0, 0.5]),
                                     np.array([2.0, 1.0, 0.0, 3.0]))
     assert s["sign_agreement"] == pytest.approx(2 / 3)  # zero in actual ignored
-    s = metrics.correlation_summary(np.ones(5), np.arange(5.0))
+    s = agreement.correlation_summary(np.ones(5), np.arange(5.0))
     assert math.isnan(s["pearson"]) and math.isnan(s["spearman"])
-    s = metrics.correlation_summary(np.array([1.0]), np.array([2.0]))
+    s = agreement.correlation_summary(np.array([1.0]), np.array([2.0]))
     assert s["n"] == 1 and math.isnan(s["pearson"]) and s["sign_agreement"] == 1.0
 
 
 def test_vector_agreement_hand_example():
     pred = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [1.0, 1.0]])
     actual = np.array([[2.0, 0.0], [-1.0, -1.0], [3.0, 0.0], [0.0, 0.0]])
-    cos, ratio = metrics.vector_agreement(pred, actual)
+    cos, ratio = agreement.vector_agreement(pred, actual)
     np.testing.assert_allclose(cos[:3], [1.0, -1.0, 0.0], atol=1e-12)
     np.testing.assert_allclose(ratio[:3], [0.5, 1.0, 2.0 / 3.0])
     assert np.isnan(cos[3]) and np.isnan(ratio[3])
     with pytest.raises(ValueError):
-        metrics.vector_agreement(np.zeros((2, 3)), np.zeros((2, 4)))
+        agreement.vector_agreement(np.zeros((2, 3)), np.zeros((2, 4)))
 
 
 def test_mean_ci95():
-    mean, half = metrics.mean_ci95(np.array([1.0, 2.0, 3.0, 4.0]))
+    mean, half = intervals.mean_ci95(np.array([1.0, 2.0, 3.0, 4.0]))
     assert mean == pytest.approx(2.5)
     assert half == pytest.approx(1.96 * np.std([1, 2, 3, 4], ddof=1) / 2.0)
-    assert metrics.mean_ci95(np.array([0.7])) == (pytest.approx(0.7), 0.0)
-    m, h = metrics.mean_ci95(np.array([]))
+    assert intervals.mean_ci95(np.array([0.7])) == (pytest.approx(0.7), 0.0)
+    m, h = intervals.mean_ci95(np.array([]))
     assert math.isnan(m) and math.isnan(h)
 
 
@@ -180,7 +181,7 @@ def test_plot_score_distribution(tmp_path):
     scores = rng.normal(size=50)
     corrupted = rng.random(50) < 0.2
     for flags, name in ((corrupted, "a.png"), (None, "b.png")):
-        out = plots.plot_score_distribution(scores, flags, tmp_path / name, "scores")
+        out = score_plots.plot_score_distribution(scores, flags, tmp_path / name, "scores")
         assert out == tmp_path / name
         _assert_png(out, tmp_path)
 
@@ -190,10 +191,10 @@ def test_plot_detection_curve(tmp_path):
     corrupted = rng.random(30) < 0.3
     scores = rng.normal(size=30) - corrupted
     curves = {
-        "if": metrics.detection_curve(scores, corrupted),
-        "random": metrics.random_detection_curve(30, corrupted, generator_seed=0),
+        "if": detection.detection_curve(scores, corrupted),
+        "random": detection.random_detection_curve(30, corrupted, generator_seed=0),
     }
-    out = plots.plot_detection_curve(curves, tmp_path / "det.png", "detection",
+    out = score_plots.plot_detection_curve(curves, tmp_path / "det.png", "detection",
                                      corrupted_fraction=float(corrupted.mean()))
     _assert_png(out, tmp_path)
 
@@ -204,18 +205,18 @@ def test_plot_instance_grid(tmp_path, channels):
     images = rng.random((5, channels, 8, 8))
     captions = [f"#{i + 1} task {i} support\nlabel {i} (class 'Greek/character0{i}')"
                 for i in range(5)]
-    out = plots.plot_instance_grid(images, captions, tmp_path / "grid.png", "harmful",
+    out = instance_grids.plot_instance_grid(images, captions, tmp_path / "grid.png", "harmful",
                                    ncols=3)
     _assert_png(out, tmp_path)
     with pytest.raises(ValueError):
-        plots.plot_instance_grid(images, captions[:2], tmp_path / "bad.png", "x")
+        instance_grids.plot_instance_grid(images, captions[:2], tmp_path / "bad.png", "x")
 
 
 def test_plot_harmful_helpful_grid(tmp_path):
     rng = np.random.default_rng(0)
     harmful = rng.random((10, 1, 8, 8))
     helpful = rng.random((3, 1, 8, 8))
-    out = plots.plot_harmful_helpful_grid(
+    out = instance_grids.plot_harmful_helpful_grid(
         harmful, [f"h{i}" for i in range(10)], helpful, [f"g{i}" for i in range(3)],
         tmp_path / "hh.png",
     )
@@ -229,14 +230,14 @@ def test_plot_accuracy_vs_fraction(tmp_path):
         "test_acc": [0.5, 0.6, 0.7, 0.5, 0.52, 0.55],
         "test_acc_ci95": [0.01, 0.02, 0.02, 0.01, 0.03, np.nan],
     })
-    out = plots.plot_accuracy_vs_fraction(df, tmp_path / "acc.png", "accuracy")
+    out = prune_plots.plot_accuracy_vs_fraction(df, tmp_path / "acc.png", "accuracy")
     _assert_png(out, tmp_path)
 
 
 def test_plot_pred_vs_actual(tmp_path):
     rng = np.random.default_rng(0)
     actual = rng.normal(size=20)
-    out = plots.plot_pred_vs_actual(actual + 0.1 * rng.normal(size=20), actual,
+    out = prune_plots.plot_pred_vs_actual(actual + 0.1 * rng.normal(size=20), actual,
                                     tmp_path / "pva.png", "E4")
     _assert_png(out, tmp_path)
 
@@ -249,5 +250,5 @@ def test_plot_training_curves(tmp_path):
         "val_loss": np.where(steps % 20 == 0, np.exp(-steps / 60), np.nan),
         "val_acc": np.where(steps % 20 == 0, 1 - np.exp(-steps / 40), np.nan),
     })
-    out = plots.plot_training_curves(df, tmp_path / "curves.png")
+    out = training_plots.plot_training_curves(df, tmp_path / "curves.png")
     _assert_png(out, tmp_path)

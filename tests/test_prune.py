@@ -20,20 +20,26 @@ import pytest
 import torch
 
 from metaif_cli import constants as C
-from metaif_cli.commands.train import run_train
-from metaif_cli.config import CorruptionConfig, DatasetConfig, MetaConfig, ModelConfig, OptimConfig, TrainConfig
+from metaif_cli.train.command import run_train
+from metaif_cli.data.config import CorruptionConfig, DatasetConfig
+from metaif_cli.influence.config import HessianConfig, SolverConfig
 from metaif_cli.io import load_json
+from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.params import FlatSpec
+from metaif_cli.models.config import ModelConfig
 from metaif_cli.prune import launch as launch_module
 from metaif_cli.prune import pipeline
+from metaif_cli.prune.config import PruneConfig
 from metaif_cli.prune.launch import launch
 from metaif_cli.prune.pipeline import prune_and_retrain
 from metaif_cli.prune.scores import Ranking
 from metaif_cli.prune.select import num_to_remove, oracle_ranking, select
 from metaif_cli.prune.units import Unit, corrupted_flags
 from metaif_cli.prune.update import IFEditor, retrain_job
-from metaif_cli.score_config import HessianConfig, PruneConfig, ScoreConfig, SolverConfig
-from metaif_cli.scoring import load_run, pred_delta_lam
+from metaif_cli.score.config import ScoreConfig
+from metaif_cli.score.methods import pred_delta_lam
+from metaif_cli.score.run import load_run
+from metaif_cli.train.config import OptimConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FRACTION = 0.3
@@ -120,7 +126,7 @@ def test_prune_results_table(pruned):
 
 def test_detection_curve_follows_each_ranking(pruned, tmp_path, monkeypatch):
     """The prune run plots it; the oracle's order finds every corrupted unit first, a subset ranking is left out."""
-    from metaif_cli import plots
+    from metaif_cli.reports import score_plots as plots
     from metaif_cli.prune import report
 
     out, _, _ = pruned
@@ -284,7 +290,7 @@ def test_retrain_method_ranks_by_leave_one_out(corrupted_run, tmp_path):
 
 
 def test_cli_end_to_end(corrupted_run, tmp_path):
-    from metaif_cli.score_pipeline import score
+    from metaif_cli.score.pipeline import score
 
     scores = tmp_path / "scores"
     summary = score(_score_cfg(corrupted_run, method="loss", plots=False), scores)

@@ -6,16 +6,14 @@ import pytest
 import torch
 
 from metaif_cli.errors import MetaifError
+from metaif_cli.influence.series import power_iteration, solve_lissa, solve_neumann
 from metaif_cli.influence.solvers import (
     SolveResult,
     build_dense_hessian,
     check_converged,
-    power_iteration,
     solve,
     solve_cg,
     solve_dense,
-    solve_lissa,
-    solve_neumann,
 )
 
 P = 20

@@ -23,13 +23,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from metaif_cli import constants as C
-from metaif_cli.cli import register_resolvers
-from metaif_cli.commands.train import run_train
-from metaif_cli.config import CorruptionConfig, DatasetConfig, TrainConfig, register_configs
+from metaif_cli.cli import register_configs, register_resolvers
+from metaif_cli.train.command import run_train
+from metaif_cli.data.config import CorruptionConfig, DatasetConfig
 from metaif_cli.data.digits import load_digits
 from metaif_cli.data.pool import build_pools
 from metaif_cli.meta.learner import MetaLearner
-from metaif_cli.score_config import PruneConfig, ScoreConfig
+from metaif_cli.prune.config import PruneConfig
+from metaif_cli.score.config import ScoreConfig
+from metaif_cli.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

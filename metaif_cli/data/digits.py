@@ -1,4 +1,5 @@
-"""Load scikit-learn's bundled handwritten digits as an :class:`ImageDataset`.
+"""Load scikit-learn's bundled handwritten digits as an :class:`ImageDataset` (SPEC section 1: the
+images tasks are drawn from; the built-in default dataset).
 
 1,797 grey 8x8 images with values 0..16, shipped inside scikit-learn, so this dataset
 needs no download and serves as the fast, always-available dataset for smoke runs.

@@ -1,4 +1,5 @@
-"""Load MNIST from its official IDX files as an :class:`ImageDataset`.
+"""Load MNIST from its official IDX files as an :class:`ImageDataset` (SPEC section 6:
+the dataset of E3).
 
 Looks for ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
 ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte`` (each plain or ``.gz``) in

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from metaif_cli.config import CorruptionConfig, DatasetConfig
+from metaif_cli.data.config import CorruptionConfig, DatasetConfig
 from metaif_cli.data.base import ImageDataset
 from metaif_cli.errors import MetaifError
 from metaif_cli.meta.tasks import TaskBatch

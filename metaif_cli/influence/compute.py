@@ -25,8 +25,8 @@ from torch import Tensor
 
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence import krylov, solvers
+from metaif_cli.influence.config import InfluenceSettings
 from metaif_cli.influence.problem import Problem, UnitScores
-from metaif_cli.score_config import ScoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ScoreOutput:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def hessian_index(n: int, cfg: ScoreConfig) -> Tensor:
+def hessian_index(n: int, cfg: InfluenceSettings) -> Tensor:
     """Training tasks the Hessian is estimated on: all, or a seeded subsample (``hessian.num_tasks``)."""
     m = cfg.hessian.num_tasks
     if m is None or m >= n:
@@ -54,7 +54,7 @@ def hessian_index(n: int, cfg: ScoreConfig) -> Tensor:
     return torch.sort(torch.randperm(n, generator=gen)[:m]).values
 
 
-def make_hvp(problem: Problem, theta: Tensor, cfg: ScoreConfig, index: Tensor) -> tuple[Callable, Callable, float | None]:
+def make_hvp(problem: Problem, theta: Tensor, cfg: InfluenceSettings, index: Tensor) -> tuple[Callable, Callable, float | None]:
     """The undamped total-Hessian product, its sub-sampled version (LiSSA) and Gamma."""
     form = "exact" if cfg.hessian.form == "exact" else "no_third_order"
     gamma = None
@@ -83,7 +83,7 @@ class Curvature:
     gamma: float | None = None
 
 
-def choose_damping(problem: Problem, theta: Tensor, cfg: ScoreConfig, start: Tensor | None = None) -> Curvature:
+def choose_damping(problem: Problem, theta: Tensor, cfg: InfluenceSettings, start: Tensor | None = None) -> Curvature:
     """The damping ``delta``: configured, or raised above ``-lambda_min`` when ``auto_damping``.
 
     The spectrum is estimated by ``hessian.lanczos_iters`` Lanczos steps started at the
@@ -103,7 +103,7 @@ def choose_damping(problem: Problem, theta: Tensor, cfg: ScoreConfig, start: Ten
     return Curvature(damping, lo, hi, gamma)
 
 
-def _run_solver(cfg: ScoreConfig, hvp: Callable, hvp_subset: Callable, b: Tensor, damping: float
+def _run_solver(cfg: InfluenceSettings, hvp: Callable, hvp_subset: Callable, b: Tensor, damping: float
                 ) -> solvers.SolveResult:
     sc = cfg.solver
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -118,7 +118,7 @@ def _run_solver(cfg: ScoreConfig, hvp: Callable, hvp_subset: Callable, b: Tensor
                                power_hvp=hvp, tol=sc.tol, progress=cfg.progress)
 
 
-def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: ScoreConfig,
+def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSettings,
                curvature: Curvature | None = None) -> tuple[solvers.SolveResult, Curvature]:
     """``(H + delta I)^{-1} b`` with the configured Hessian form and solver; refuses an unconverged solve.
 
@@ -163,7 +163,7 @@ def _check_finite(name: str, t: Tensor) -> None:
                           "run's metrics.csv, or score in dtype=float64")
 
 
-def influence(problem: Problem, theta: Tensor, cfg: ScoreConfig, use_solver: bool = True,
+def influence(problem: Problem, theta: Tensor, cfg: InfluenceSettings, use_solver: bool = True,
               index: Tensor | None = None) -> ScoreOutput:
     """``if``/``direct_if`` (``use_solver``) or ``grad_sim``: one ``s``, one pass over the tasks.
 

@@ -20,16 +20,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from metaif_cli.influence.solvers import SolveResult, _damped, _relative_residual
+from metaif_cli.influence.operators import Hvp, SolveResult, damped, relative_residual
 
 log = logging.getLogger(__name__)
-
-Hvp = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Lanczos:
@@ -163,7 +160,7 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, dam
         log.warning("Lanczos met negative curvature (%.3g) after its first %d steps; damping raised to %.3g",
                     lo, damping_iters, damping)
         x = process.solve(damping)[0]
-    residual = _relative_residual(_damped(hvp, damping), x, b)
+    residual = relative_residual(damped(hvp, damping), x, b)
     result = SolveResult(x=x, iterations=process.steps, residual=residual, converged=residual <= tol,
                          method="cg")
     return AutoDampedSolve(result, damping, lo, hi)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import Params
-from metaif_cli.models import logits
+from metaif_cli.models.networks import logits
 
 
 def instance_values(learner: MetaLearner, params: Params, x: Tensor, y: Tensor, kind: str = "mean_loss") -> Tensor:

@@ -8,19 +8,29 @@ Derivatives come from the implicit function theorem (paper Thm 4.1):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp
 
+from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.params import FlatSpec, Params
 
-if TYPE_CHECKING:
-    from metaif_cli.meta.learner import MetaLearner
+
+class InnerLearner(Protocol):
+    """What the implicit derivatives need of a learner (:class:`~metaif_cli.meta.learner.MetaLearner`
+    is one): its settings and its losses. A protocol, so that this module does not import the
+    learner that calls it."""
+
+    cfg: MetaConfig
+
+    def instance_losses(self, params: Params, x: Tensor, y: Tensor) -> Tensor: ...
+
+    def inner_loss(self, params: Params, x_spt: Tensor, y_spt: Tensor, u: Tensor) -> Tensor: ...
 
 
-def solve_inner(learner: "MetaLearner", lam: Params, x_spt: Tensor, y_spt: Tensor, u: Tensor, steps: int) -> Params:
+def solve_inner(learner: InnerLearner, lam: Params, x_spt: Tensor, y_spt: Tensor, u: Tensor, steps: int) -> Params:
     """Approximate proximal solution by ``steps`` gradient steps of size ``inner_lr`` (no graph)."""
     eta, lr = learner.cfg.eta, learner.cfg.inner_lr
     anchor = {k: t.detach() for k, t in lam.items()}
@@ -37,7 +47,7 @@ def solve_inner(learner: "MetaLearner", lam: Params, x_spt: Tensor, y_spt: Tenso
     return phi
 
 
-def inner_hvp(learner: "MetaLearner", phi: Params, x_spt: Tensor, y_spt: Tensor, u: Tensor) -> Callable[[Tensor], Tensor]:
+def inner_hvp(learner: InnerLearner, phi: Params, x_spt: Tensor, y_spt: Tensor, u: Tensor) -> Callable[[Tensor], Tensor]:
     """``v -> H_in v = grad2_phi(inner data loss) v + eta v`` on flat vectors."""
     spec = FlatSpec.of(phi)
     flat_phi = spec.flatten(phi)
@@ -69,7 +79,7 @@ def cg_fixed(hvp: Callable[[Tensor], Tensor], b: Tensor, iters: int) -> Tensor:
     return x
 
 
-def query_grad(learner: "MetaLearner", phi: Params, x_qry: Tensor, y_qry: Tensor, v: Tensor) -> tuple[Params, Tensor]:
+def query_grad(learner: InnerLearner, phi: Params, x_qry: Tensor, y_qry: Tensor, v: Tensor) -> tuple[Params, Tensor]:
     """``d_phi L_Q`` and ``L_Q`` at the adapted parameters."""
 
     def loss(p: Params) -> Tensor:
@@ -79,7 +89,7 @@ def query_grad(learner: "MetaLearner", phi: Params, x_qry: Tensor, y_qry: Tensor
     return g, loss(phi)
 
 
-def task_grad_fixed(learner: "MetaLearner", lam: Params, x_spt, y_spt, u, x_qry, y_qry, v, cg_iters: int) -> tuple[Params, Tensor]:
+def task_grad_fixed(learner: InnerLearner, lam: Params, x_spt, y_spt, u, x_qry, y_qry, v, cg_iters: int) -> tuple[Params, Tensor]:
     """iMAML's total gradient ``eta H_in^{-1} d_phi L_Q`` by ``cg_iters`` CG steps (training path)."""
     phi = solve_inner(learner, lam, x_spt, y_spt, u, learner.cfg.inner_steps)
     g, loss = query_grad(learner, phi, x_qry, y_qry, v)

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
-from metaif_cli.config import MetaConfig
+from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta import implicit
 from metaif_cli.meta.params import Params
 from metaif_cli.meta.tasks import TaskBatch
-from metaif_cli.models import MetaModel, features, head_logits, logits, split_params
+from metaif_cli.models.networks import MetaModel, features, head_logits, logits, split_params
 
 
 class MetaLearner:

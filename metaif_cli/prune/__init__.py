@@ -5,5 +5,7 @@ One module per job: :mod:`~metaif_cli.prune.units` (units and zero weights),
 (what to remove; ``oracle`` and ``retrain``), :mod:`~metaif_cli.prune.update` (retrain, edit,
 gradient ascent), :mod:`~metaif_cli.prune.loo` (leave-one-out ground truth),
 :mod:`~metaif_cli.prune.launch` (sequential, joblib, submitit), :mod:`~metaif_cli.prune.report`
-(tables and plots) and :mod:`~metaif_cli.prune.pipeline` (the command as a function).
+(tables and plots), :mod:`~metaif_cli.prune.pipeline` (the command as a function),
+:mod:`~metaif_cli.prune.config` (its typed config) and :mod:`~metaif_cli.prune.command` (the
+Hydra entry point).
 """

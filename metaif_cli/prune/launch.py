@@ -1,10 +1,11 @@
-"""Run many independent retrainings: in this process, with joblib, or through submitit.
+"""Run many independent retrainings: in this process, with joblib, or through submitit (SPEC
+sections 5-6: every removal and leave-one-out retraining).
 
 A :class:`RetrainJob` is plain data (the run's saved config, a directory, pool weights,
 an optional warm start), so it pickles to a worker process or a cluster node.
 :func:`run_job` rebuilds the experiment from the config exactly as the original run was
 built (same seed: same pools, same initialisation, same batch order) and calls
-:func:`metaif_cli.training.train`, which resumes an interrupted retraining and skips a
+:func:`metaif_cli.train.loop.train`, which resumes an interrupted retraining and skips a
 finished one. Jobs that are already finished are not launched at all.
 
 Launchers (``launcher=``):
@@ -34,9 +35,9 @@ from tqdm.auto import tqdm
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.experiment import Experiment, build_experiment, config_from_dict
+from metaif_cli.train.experiment import Experiment, build_experiment, config_from_dict
 from metaif_cli.io import load_json
-from metaif_cli.training import PoolWeights, train
+from metaif_cli.train.loop import PoolWeights, train
 
 log = logging.getLogger(__name__)
 

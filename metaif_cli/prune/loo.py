@@ -11,7 +11,7 @@ For a seeded sample of units (``num_units``, drawn with the prune ``seed``):
   approximates best (Bae et al. 2022).
 
 ``actual_delta_test_loss = f(lam_retrained) - f(lam_baseline)`` with ``f`` the
-evaluation function of the scores (:func:`metaif_cli.scoring.build_problem`: mean query
+evaluation function of the scores (:func:`metaif_cli.score.methods.build_problem`: mean query
 loss after adaptation on the first ``evaluation.num_tasks`` meta-test tasks), and
 ``actual_delta_lam = lam_retrained - lam_baseline``, compared with ``pred_delta_lam``
 by cosine and norm ratio. Retrainings live in ``retrains/loo-cold-<unit>/`` and
@@ -30,12 +30,13 @@ import torch
 
 from metaif_cli import constants as C
 from metaif_cli.meta.params import FlatSpec, Params
-from metaif_cli.metrics import vector_agreement
+from metaif_cli.reports.agreement import vector_agreement
 from metaif_cli.prune.launch import RetrainJob
 from metaif_cli.prune.units import Unit
 from metaif_cli.prune.update import IFEditor, retrain_job
-from metaif_cli.score_config import ScoreConfig
-from metaif_cli.scoring import LoadedRun, build_problem
+from metaif_cli.score.config import ScoreConfig
+from metaif_cli.score.methods import build_problem
+from metaif_cli.score.run import LoadedRun
 
 Launch = Callable[[list[RetrainJob]], list[dict]]
 

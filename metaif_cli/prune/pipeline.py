@@ -33,8 +33,9 @@ from metaif_cli.prune.scores import (Ranking, compute_ranking, load_ranking, rea
 from metaif_cli.prune.select import oracle_ranking, removed_corrupted_fraction, retrain_ranking, select
 from metaif_cli.prune.units import Unit, all_units, corrupted_flags
 from metaif_cli.prune.update import IFEditor, evaluate, grad_ascent, retrain_job
-from metaif_cli.score_config import PruneConfig
-from metaif_cli.scoring import LoadedRun, load_run, settings_of
+from metaif_cli.prune.config import PruneConfig
+from metaif_cli.score.config import settings_of
+from metaif_cli.score.run import LoadedRun, load_run
 
 log = logging.getLogger(__name__)
 

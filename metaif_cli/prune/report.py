@@ -27,7 +27,7 @@ import pandas as pd
 
 from metaif_cli import constants as C
 from metaif_cli.io import atomic_path, save_csv, save_json
-from metaif_cli.metrics import correlation_summary
+from metaif_cli.reports.agreement import correlation_summary
 
 PRUNE_COLUMNS = ["method", "unit", "fraction", "update", "seed", "test_acc", "test_acc_ci95", "test_loss",
                  "selection_seconds", "retrain_seconds", "removed_corrupted_fraction", "num_removed",
@@ -71,7 +71,7 @@ def compact(results: pd.DataFrame) -> str:
 
 def write_prune_outputs(out_dir: Path, results: pd.DataFrame, title: str) -> dict[str, str]:
     """``prune_results.csv``, the accuracy plot and the main table (CSV and Markdown)."""
-    from metaif_cli.plots import plot_accuracy_vs_fraction
+    from metaif_cli.reports.prune_plots import plot_accuracy_vs_fraction
 
     results = results[PRUNE_COLUMNS]
     save_csv(results, out_dir / C.PRUNE_RESULTS_CSV)
@@ -89,8 +89,8 @@ def write_prune_outputs(out_dir: Path, results: pd.DataFrame, title: str) -> dic
 
 def write_detection_curve(out_dir: Path, rankings: dict, flags: pd.Series, unit: str, seed: int) -> str | None:
     """Detection curves of every ranking that orders all units; None without recorded corruption."""
-    from metaif_cli.metrics import detection_curve, random_detection_curve
-    from metaif_cli.plots import plot_detection_curve
+    from metaif_cli.reports.detection import detection_curve, random_detection_curve
+    from metaif_cli.reports.score_plots import plot_detection_curve
 
     corrupted = flags.to_numpy(dtype=bool)
     if not corrupted.any():
@@ -123,7 +123,7 @@ def loo_summary(table: pd.DataFrame) -> dict[str, dict]:
 
 def write_loo_outputs(out_dir: Path, table: pd.DataFrame, extra: dict) -> dict:
     """``loo_results.csv``, ``loo_summary.json`` and one pred-vs-actual plot per mode."""
-    from metaif_cli.plots import plot_pred_vs_actual
+    from metaif_cli.reports.prune_plots import plot_pred_vs_actual
 
     table = table[LOO_COLUMNS]
     save_csv(table, out_dir / C.LOO_RESULTS_CSV)

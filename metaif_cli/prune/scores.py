@@ -3,7 +3,7 @@
 A :class:`Ranking` orders the units of one kind from most to least harmful (``rank`` 1 =
 most harmful, the convention of ``task_scores.csv``/``instance_scores.csv``, SPEC
 section 3). Scoring methods (``if``, ``random``, ``loss``, ``direct_if``, ``grad_sim``,
-``tracin``) run through :func:`metaif_cli.scoring.run_method` with the ``score`` settings
+``tracin``) run through :func:`metaif_cli.score.methods.run_method` with the ``score`` settings
 of the prune config and the method overridden; the wall-clock time of that call is the
 method's ``selection_seconds``. Each ranking is cached in ``selection/<method>.csv`` with
 its settings in ``selection/<method>.json``, so a rerun does not score again.
@@ -22,9 +22,11 @@ import pandas as pd
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import load_json, save_csv, save_json
-from metaif_cli.score_config import PruneConfig, ScoreConfig
-from metaif_cli.score_outputs import instance_table, score_column, task_table
-from metaif_cli.scoring import LoadedRun, run_method, settings_of
+from metaif_cli.prune.config import PruneConfig
+from metaif_cli.score.config import ScoreConfig, settings_of
+from metaif_cli.score.methods import run_method
+from metaif_cli.score.outputs import instance_table, score_column, task_table
+from metaif_cli.score.run import LoadedRun
 
 log = logging.getLogger(__name__)
 

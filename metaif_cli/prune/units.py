@@ -3,8 +3,8 @@
 A unit is a whole task (``task:K``), a support instance (``support:K:J``) or a query
 instance (``query:K:J``) of the training pool; ``K`` is the ``task_id`` and ``J`` the
 position inside the task. The ids use the syntax of ``score``'s ``pred_delta_lam=`` option
-(:func:`metaif_cli.score_config.parse_unit_ref`). Removing units means setting their
-weight (``w_k``, ``u_kj`` or ``v_kj``) to 0 in :class:`~metaif_cli.training.PoolWeights`;
+(:func:`metaif_cli.score.config.parse_unit_ref`). Removing units means setting their
+weight (``w_k``, ``u_kj`` or ``v_kj``) to 0 in :class:`~metaif_cli.train.loop.PoolWeights`;
 normalisers stay fixed.
 """
 
@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 
 from metaif_cli.errors import MetaifError
-from metaif_cli.score_config import parse_unit_ref
-from metaif_cli.training import PoolWeights
+from metaif_cli.score.config import parse_unit_ref
+from metaif_cli.train.loop import PoolWeights
 
 KINDS = ("task", "support", "query")
 
@@ -38,7 +38,7 @@ class Unit:
 
     @property
     def ref(self) -> tuple[str, int, str | None, int | None]:
-        """The tuple :func:`metaif_cli.scoring.pred_delta_lam` takes."""
+        """The tuple :func:`metaif_cli.score.methods.pred_delta_lam` takes."""
         return parse_unit_ref(self.id)
 
     @classmethod

@@ -6,14 +6,14 @@
 - ``edit`` (SPEC section 3, model editing): ``lam_edit = lam* + (H + delta I)^{-1}
   sum_{e in R} d_{w_e} grad_lam F``, one iHVP for the whole removed set ``R`` with the
   ``score`` settings (method ``if``); for one unit this is ``pred_delta_lam`` of
-  :func:`metaif_cli.scoring.pred_delta_lam`.
+  :func:`metaif_cli.score.methods.pred_delta_lam`.
 - ``grad_ascent`` (SPEC section 4): ``grad_ascent_steps`` steps of the run's optimiser
   type with learning rate ``grad_ascent_lr``, ascending the removed units' share of the
   outer objective, ``D(lam) = F(lam; w, u, v) - F(lam; weights without R)`` (for tasks
   ``(1/n) sum_{k in R} L_Q^k``, for query instances their weighted losses, for support
   instances the change of their tasks' query losses when they leave adaptation).
 
-Edited models are evaluated with :func:`metaif_cli.training.evaluate_split` on the
+Edited models are evaluated with :func:`metaif_cli.train.loop.evaluate_split` on the
 meta-test pool, the function that reports every retraining's accuracy.
 """
 
@@ -24,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-from metaif_cli.experiment import config_dict
+from metaif_cli.train.experiment import config_dict
 from metaif_cli.influence import compute
 from metaif_cli.meta.params import FlatSpec, Params
 from metaif_cli.prune.launch import RetrainJob
 from metaif_cli.prune.units import Unit, weights_without
-from metaif_cli.score_config import ScoreConfig
-from metaif_cli.scoring import LoadedRun, build_problem
-from metaif_cli.training import evaluate_split
+from metaif_cli.score.config import ScoreConfig
+from metaif_cli.score.methods import build_problem
+from metaif_cli.score.run import LoadedRun
+from metaif_cli.train.loop import evaluate_split
 
 
 def retrain_job(run: LoadedRun, units: list[Unit], run_dir: Path, init_lam: Params | None = None,

@@ -22,9 +22,10 @@ from metaif_cli.errors import MetaifError
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.io import load_json, save_json, save_torch
-from metaif_cli.score_config import ScoreConfig, parse_shard, parse_unit_ref
-from metaif_cli.score_outputs import detection, instance_table, task_table, write_plots, write_tables
-from metaif_cli.scoring import LoadedRun, load_run, pred_delta_lam, run_method, settings_of
+from metaif_cli.score.config import ScoreConfig, parse_shard, parse_unit_ref, settings_of
+from metaif_cli.score.outputs import detection, instance_table, task_table, write_plots, write_tables
+from metaif_cli.score.methods import pred_delta_lam, run_method
+from metaif_cli.score.run import LoadedRun, load_run
 
 log = logging.getLogger(__name__)
 

@@ -1,24 +1,15 @@
-"""Evaluation metrics for influence scores: detection, ranking and agreement.
+"""Detection of corrupted units from influence scores (SPEC section 6, E1-E3): detection
+curves, ROC AUC, average precision and the fraction found after inspecting 10/20/40%.
 
-Pure numpy/scipy, no plotting (figures live in ``metaif_cli.plots``).
+Pure numpy, no plotting (figures live in :mod:`metaif_cli.reports.score_plots`).
 
 Sign convention (SPEC section 3): a score is ``pred_delta_test_loss``, the predicted
 change of the test loss if the unit is removed; negative = harmful, so the most harmful
 unit has the lowest score and is inspected first.
-
-- Detection of corrupted units (SPEC section 6, E1-E3): :func:`detection_curve`,
-  :func:`random_detection_curve`, :func:`detection_summary` (ROC AUC, average precision,
-  fraction of corrupted units found after inspecting 10/20/40% of the units).
-- Agreement with leave-one-out retraining (SPEC section 5, E4):
-  :func:`correlation_summary` (Pearson, Spearman, sign agreement of predicted vs actual
-  ``delta_test_loss``) and :func:`vector_agreement` (cosine and norm ratio of
-  ``pred_delta_lam`` vs actual ``delta_lam``).
-- Accuracy over seeds (SPEC section 6): :func:`mean_ci95`.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -30,9 +21,6 @@ __all__ = [
     "detection_summary",
     "roc_auc",
     "average_precision",
-    "correlation_summary",
-    "vector_agreement",
-    "mean_ci95",
 ]
 
 
@@ -207,97 +195,3 @@ def detection_summary(
     out["n"] = n
     out["n_corrupted"] = n_corrupted
     return out
-
-
-def correlation_summary(pred: np.ndarray, actual: np.ndarray) -> dict[str, float]:
-    """Agreement of predicted and actual ``delta_test_loss`` (SPEC section 5).
-
-    Pairs where either value is non-finite are dropped.
-
-    Args:
-        pred: ``[n]`` predicted changes (``pred_delta_test_loss``).
-        actual: ``[n]`` changes measured by leave-one-out retraining.
-
-    Returns:
-        ``{"pearson", "spearman", "sign_agreement", "n"}``. ``sign_agreement`` is the
-        fraction of units whose predicted and actual changes have the same sign, over the
-        units whose actual change is not exactly zero. Correlations are NaN with fewer
-        than 2 pairs or a constant input.
-    """
-    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
-    actual = np.asarray(actual, dtype=np.float64).reshape(-1)
-    if pred.shape != actual.shape:
-        raise ValueError(
-            f"pred and actual must have the same length, got {pred.size} and {actual.size}."
-        )
-    keep = np.isfinite(pred) & np.isfinite(actual)
-    pred, actual = pred[keep], actual[keep]
-    n = int(pred.size)
-    pearson = spearman = float("nan")
-    if n >= 2 and np.ptp(pred) > 0 and np.ptp(actual) > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pearson = float(stats.pearsonr(pred, actual)[0])
-            spearman = float(stats.spearmanr(pred, actual)[0])
-    nonzero = actual != 0
-    sign_agreement = (
-        float(np.mean(np.sign(pred[nonzero]) == np.sign(actual[nonzero])))
-        if nonzero.any()
-        else float("nan")
-    )
-    return {"pearson": pearson, "spearman": spearman, "sign_agreement": sign_agreement, "n": n}
-
-
-def vector_agreement(
-    pred_vecs: np.ndarray, actual_vecs: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine and norm ratio of ``pred_delta_lam`` vs actual ``delta_lam`` (SPEC section 5).
-
-    Args:
-        pred_vecs: ``[m, P]`` predicted parameter changes, one row per unit.
-        actual_vecs: ``[m, P]`` actual parameter changes from retraining.
-
-    Returns:
-        ``(cosine, norm_ratio)``, each ``[m]``: ``cos(pred_i, actual_i)`` and
-        ``||pred_i|| / ||actual_i||``. Cosine is NaN where either norm is zero; the ratio
-        is NaN where the actual norm is zero.
-    """
-    pred_vecs = np.asarray(pred_vecs, dtype=np.float64)
-    actual_vecs = np.asarray(actual_vecs, dtype=np.float64)
-    if pred_vecs.ndim == 1:
-        pred_vecs = pred_vecs[None, :]
-    if actual_vecs.ndim == 1:
-        actual_vecs = actual_vecs[None, :]
-    if pred_vecs.shape != actual_vecs.shape or pred_vecs.ndim != 2:
-        raise ValueError(
-            f"pred_vecs and actual_vecs must both be [m, P] with the same shape, got "
-            f"{pred_vecs.shape} and {actual_vecs.shape}."
-        )
-    p_norm = np.linalg.norm(pred_vecs, axis=1)
-    a_norm = np.linalg.norm(actual_vecs, axis=1)
-    dot = np.einsum("ij,ij->i", pred_vecs, actual_vecs)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        denom = p_norm * a_norm
-        cosine = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), np.nan)
-        ratio = np.where(a_norm > 0, p_norm / np.where(a_norm > 0, a_norm, 1.0), np.nan)
-    return cosine, ratio
-
-
-def mean_ci95(values: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% normal-approximation half-width ``1.96 * std / sqrt(n)``.
-
-    Args:
-        values: ``[n]`` values, e.g. test accuracies over seeds.
-
-    Returns:
-        ``(mean, half_width)`` with the sample standard deviation (ddof=1); the
-        half-width is 0 for ``n < 2``; both are NaN for ``n == 0``.
-    """
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
-    n = values.size
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = float(values.mean())
-    if n < 2:
-        return mean, 0.0
-    return mean, float(1.96 * values.std(ddof=1) / np.sqrt(n))

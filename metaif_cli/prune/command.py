@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from metaif_cli.cli import run_hydra_app
-from metaif_cli.commands.common import output_dir, quiet_libraries, to_typed
+from metaif_cli.hydra_app import output_dir, quiet_libraries, run_hydra_app, to_typed
+from metaif_cli.prune.config import PruneConfig
 from metaif_cli.prune.pipeline import prune_and_retrain
 from metaif_cli.prune.report import compact, loo_summary
+
+SCHEMAS = {"prune_schema": PruneConfig}
 
 
 def _task(cfg) -> None:
@@ -22,4 +24,4 @@ def _task(cfg) -> None:
 
 
 def main() -> None:
-    run_hydra_app(_task, "prune_and_retrain", "prune-and-retrain")
+    run_hydra_app(_task, "prune_and_retrain", "prune-and-retrain", SCHEMAS)

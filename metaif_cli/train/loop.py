@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 import metaif_cli
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.experiment import Experiment, config_dict
+from metaif_cli.train.experiment import Experiment, config_dict
 from metaif_cli.io import load_json, save_csv, save_json, save_torch
 from metaif_cli.meta.params import Params
-from metaif_cli.metrics import mean_ci95
+from metaif_cli.reports.intervals import mean_ci95
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from metaif_cli import constants as C
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.io import save_csv
-from metaif_cli.metrics import detection_curve, detection_summary, random_detection_curve
+from metaif_cli.reports.detection import detection_curve, detection_summary, random_detection_curve
 
 SCORE_COLUMNS = {"loss": "neg_loss_after_adaptation", "random": "random_score"}
 
@@ -87,20 +87,20 @@ def write_tables(out_dir: Path, tasks_df: pd.DataFrame | None, inst_df: pd.DataF
 def write_plots(out_dir: Path, method: str, tasks_df: pd.DataFrame | None, inst_df: pd.DataFrame | None,
                 images: torch.Tensor, grid_size: int) -> list[str]:
     """Score distributions, detection curves and the harmful/helpful instance grid."""
-    from metaif_cli import plots
+    from metaif_cli.reports import instance_grids, score_plots
 
     col, written = score_column(method), []
     for unit, df in (("task", tasks_df), ("instance", inst_df)):
         if df is None:
             continue
         corrupted = df["corrupted"].to_numpy()
-        written.append(plots.plot_score_distribution(
+        written.append(score_plots.plot_score_distribution(
             df[col].to_numpy(), corrupted if corrupted.any() else None,
             out_dir / C.SCORE_DISTRIBUTION_PNG.format(unit=unit), f"{unit} scores ({method})"))
         if corrupted.any() and not corrupted.all():
             curves = {method: detection_curve(df[col].to_numpy(), corrupted),
                       "random": random_detection_curve(len(df), corrupted, 0)}
-            written.append(plots.plot_detection_curve(curves, out_dir / C.DETECTION_CURVE_PNG.format(unit=unit),
+            written.append(score_plots.plot_detection_curve(curves, out_dir / C.DETECTION_CURVE_PNG.format(unit=unit),
                                                       f"corrupted {unit}s found ({method})",
                                                       corrupted_fraction=float(corrupted.mean())))
     if inst_df is not None and grid_size > 0:
@@ -115,5 +115,5 @@ def write_plots(out_dir: Path, method: str, tasks_df: pd.DataFrame | None, inst_
 
         hi, hc = pick(harmful)
         pi, pc = pick(helpful)
-        written.append(plots.plot_harmful_helpful_grid(hi, hc, pi, pc, out_dir / C.INSTANCE_GRID_PNG))
+        written.append(instance_grids.plot_harmful_helpful_grid(hi, hc, pi, pc, out_dir / C.INSTANCE_GRID_PNG))
     return [str(p) for p in written]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metaif_cli.config import ModelConfig
+from metaif_cli.models.config import ModelConfig
 
 Params = dict[str, Tensor]
 

@@ -1,4 +1,5 @@
-"""``metaif train``: meta-train on a fixed, seeded task pool and write the run directory.
+"""``metaif train``: meta-train on a fixed, seeded task pool and write the run directory (SPEC
+section 1); the Hydra entry point of the ``train`` command package.
 
 Writes ``tasks.csv``, ``class_split.json``, ``train_config.json``, ``metrics.csv``,
 checkpoints (``checkpoint_last.pt``, ``checkpoints/step_*.pt``), ``model.pt``,
@@ -14,15 +15,16 @@ import pandas as pd
 import torch
 
 from metaif_cli import constants as C
-from metaif_cli.cli import run_hydra_app
-from metaif_cli.commands.common import output_dir, quiet_libraries, to_typed
-from metaif_cli.config import TrainConfig
 from metaif_cli.data.pool import pools_table
-from metaif_cli.experiment import build_experiment, config_dict
+from metaif_cli.hydra_app import output_dir, quiet_libraries, run_hydra_app, to_typed
 from metaif_cli.io import save_csv, save_json
-from metaif_cli.training import train
+from metaif_cli.train.config import TrainConfig
+from metaif_cli.train.experiment import build_experiment, config_dict
+from metaif_cli.train.loop import train
 
 log = logging.getLogger("metaif.train")
+
+SCHEMAS = {"train_schema": TrainConfig}
 
 
 def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
@@ -35,7 +37,7 @@ def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
     split = {s: sorted(table.loc[table.split == s, "class"].unique().tolist()) for s in exp.pools}
     save_json(split, run_dir / C.SPLIT_JSON)
     results = train(exp, run_dir)
-    from metaif_cli.plots import plot_training_curves
+    from metaif_cli.reports.training_plots import plot_training_curves
 
     plot_training_curves(pd.read_csv(run_dir / C.METRICS_CSV), run_dir / C.TRAINING_CURVES_PNG)
     log.info("run directory: %s", run_dir)
@@ -52,4 +54,4 @@ def _task(cfg) -> float:
 
 
 def main() -> None:
-    run_hydra_app(_task, "train", "train")
+    run_hydra_app(_task, "train", "train", SCHEMAS)

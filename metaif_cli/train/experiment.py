@@ -1,4 +1,5 @@
-"""Build everything a run needs from a :class:`TrainConfig`: data, pools, model, learner.
+"""Build everything a run needs from a :class:`TrainConfig`: data, pools, model, learner (SPEC
+section 1).
 
 ``metaif train``, ``score`` and ``prune-and-retrain`` all rebuild a run through
 :func:`build_experiment`, so a checkpoint plus its saved config is enough to
@@ -14,13 +15,16 @@ from pathlib import Path
 
 import torch
 
-from metaif_cli.config import TrainConfig
 from metaif_cli.data.base import ImageDataset
+from metaif_cli.data.config import CorruptionConfig, DataConfig, DatasetConfig
 from metaif_cli.data.pool import TaskPool, build_pools
 from metaif_cli.data.registry import load_dataset
 from metaif_cli.errors import MetaifError
+from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.learner import MetaLearner
-from metaif_cli.models import MetaModel, build_model, params_of
+from metaif_cli.models.config import ModelConfig
+from metaif_cli.models.networks import MetaModel, build_model, params_of
+from metaif_cli.train.config import OptimConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +85,6 @@ def config_dict(cfg: TrainConfig) -> dict:
 
 def config_from_dict(data: dict) -> TrainConfig:
     """Rebuild a :class:`TrainConfig` saved by :func:`config_dict` (validated again)."""
-    from metaif_cli.config import (CorruptionConfig, DataConfig, DatasetConfig, MetaConfig, ModelConfig,
-                                   OptimConfig)
-
     parts = {"data": DataConfig, "dataset": DatasetConfig, "corruption": CorruptionConfig, "model": ModelConfig,
              "meta": MetaConfig, "optim": OptimConfig}
     kwargs = {k: (parts[k](**v) if k in parts else v) for k, v in data.items()}

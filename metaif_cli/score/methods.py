@@ -1,61 +1,21 @@
-"""``metaif score`` as a library function: rebuild a run, score its units, write the outputs.
+"""Method dispatch of ``metaif score``: build the bilevel problem of a loaded run and compute
+one method's scores or predicted parameter changes (SPEC sections 3-4).
 
-Reads ``model.pt``, the saved config and the task pools of a training run (never
-retrains), builds the bilevel problem in the requested derivative mode, runs one method
-(SPEC sections 3-4) and writes ``task_scores.csv``, ``instance_scores.csv``, ``ihvp.pt``,
-``score.json`` and plots. ``shard=i/k`` scores a slice of the tasks; under ``torchrun`` the
-Hessian products are summed across processes and the slices gathered (SPEC section 3:
-one ``s`` serves every unit).
+``if``, ``direct_if``, ``grad_sim``, ``tracin``, ``loss`` and ``random`` all go through
+:func:`run_method`; ``pred_delta_lam`` gives ``(H + delta I)^{-1} d_{w_e} grad F`` per unit.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
 import torch
 
-from metaif_cli import constants as C
-from metaif_cli.config import TrainConfig
 from metaif_cli.errors import MetaifError
-from metaif_cli.experiment import Experiment, build_experiment, config_from_dict
 from metaif_cli.influence import compute
 from metaif_cli.influence.implicit import ImplicitProblem
 from metaif_cli.influence.problem import Problem, UnrolledProblem
 from metaif_cli.meta.params import FlatSpec
-from metaif_cli.score_config import ScoreConfig
-from metaif_cli.training import load_trained
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedRun:
-    """A finished training run rebuilt for scoring."""
-
-    run_dir: Path
-    train_cfg: TrainConfig
-    exp: Experiment
-    lam: dict[str, torch.Tensor]
-    weights: dict[str, torch.Tensor]
-
-
-def load_run(run_dir: Path, device: str | None = None, dtype: str | None = None) -> LoadedRun:
-    """Rebuild experiment, trained ``lam`` and pool weights from a run directory.
-
-    The run's ``threads`` setting applies here too: scoring runs the same small networks
-    as training, and is timed against it (``scripts/bench_score.py``).
-    """
-    saved = load_trained(run_dir)
-    train_cfg = config_from_dict(saved["config"])
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    exp = build_experiment(train_cfg, device=device, dtype=dtype)
-    lam = {k: v.to(exp.device, exp.dtype) for k, v in saved["lam"].items()}
-    pool = exp.pools["train"]
-    ones = {"w": torch.ones(len(pool)), "u": torch.ones(pool.spt_idx.shape), "v": torch.ones(pool.qry_idx.shape)}
-    return LoadedRun(run_dir, train_cfg, exp, lam, saved.get("weights", ones))
+from metaif_cli.score.config import ScoreConfig
+from metaif_cli.score.run import LoadedRun, tracin_checkpoints
 
 
 def derivative_mode(run: LoadedRun, cfg: ScoreConfig) -> str:
@@ -85,17 +45,6 @@ def build_problem(run: LoadedRun, cfg: ScoreConfig, direct: bool = False) -> Pro
                                inner_max_iter=cfg.inner_max_iter, cg_tol=cfg.inner_tol,
                                support_third_order=cfg.support_third_order, **kwargs)
     return UnrolledProblem(exp.learner, spec, train, test, **kwargs)
-
-
-def tracin_checkpoints(run: LoadedRun) -> list[tuple[torch.Tensor, float]]:
-    """``(theta_c, lr_c)`` of every intermediate checkpoint kept by training."""
-    spec = FlatSpec.of(run.lam)
-    out = []
-    for path in sorted((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
-        saved = torch.load(path, weights_only=False)
-        out.append((spec.flatten({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()}),
-                    float(saved["lr"])))
-    return out
 
 
 def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = None, rank: int = 0,
@@ -147,9 +96,3 @@ def pred_delta_lam(run: LoadedRun, cfg: ScoreConfig, units: list[tuple[str, int,
     if total is not None:
         out["sum"] = compute.solve_ihvp(problem, theta, total, cfg, curvature)[0].x.detach().cpu()
     return out
-
-
-def settings_of(cfg: ScoreConfig) -> dict:
-    """The settings that determine the scores (saved beside them and checked on reuse)."""
-    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk"}
-    return {k: v for k, v in asdict(cfg).items() if k not in ignore}

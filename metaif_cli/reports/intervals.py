@@ -1,0 +1,25 @@
+"""Means with 95% intervals, for accuracies over tasks or seeds (SPEC section 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, float]:
+    """Mean and 95% normal-approximation half-width ``1.96 * std / sqrt(n)``.
+
+    Args:
+        values: ``[n]`` values, e.g. test accuracies over seeds.
+
+    Returns:
+        ``(mean, half_width)`` with the sample standard deviation (ddof=1); the
+        half-width is 0 for ``n < 2``; both are NaN for ``n == 0``.
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    n = values.size
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = float(values.mean())
+    if n < 2:
+        return mean, 0.0
+    return mean, float(1.96 * values.std(ddof=1) / np.sqrt(n))

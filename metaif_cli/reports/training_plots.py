@@ -1,0 +1,56 @@
+"""Meta-training curves of ``metaif train`` (SPEC section 1): training loss and validation
+accuracy against the step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from metaif_cli.io import save_figure
+from metaif_cli.reports.figures import plt
+
+__all__ = ["plot_training_curves"]
+
+
+def plot_training_curves(metrics_df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Meta-training curves: loss (train and val) and validation accuracy.
+
+    Args:
+        metrics_df: columns ``step, train_loss, val_loss, val_acc``; the val columns
+            may be NaN on rows where no validation ran, and any of the three metric
+            columns may be absent.
+        path: where to write the PNG.
+
+    Returns:
+        The path written.
+    """
+    if "step" not in metrics_df.columns:
+        raise ValueError("metrics_df needs a 'step' column.")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+
+    def _line(ax, column: str, label: str) -> None:
+        if column not in metrics_df.columns:
+            return
+        rows = metrics_df[["step", column]].dropna()
+        if len(rows):
+            ax.plot(rows["step"].to_numpy(), rows[column].to_numpy(), label=label,
+                    marker="o" if len(rows) < 30 else None, markersize=3)
+
+    _line(ax_loss, "train_loss", "train (query) loss")
+    _line(ax_loss, "val_loss", "validation loss")
+    _line(ax_acc, "val_acc", "validation accuracy")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("loss")
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_title("accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    save_figure(fig, path)
+    return Path(path)

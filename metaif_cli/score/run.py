@@ -1,0 +1,58 @@
+"""Load a finished training run for scoring: ``model.pt``, the saved config, the pools, the
+checkpoints (SPEC section 3: scores are taken at the trained ``lam``).
+
+Reads the run directory written by ``metaif train`` and rebuilds the experiment through
+:func:`metaif_cli.train.experiment.build_experiment`; never retrains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from metaif_cli import constants as C
+from metaif_cli.meta.params import FlatSpec
+from metaif_cli.train.config import TrainConfig
+from metaif_cli.train.experiment import Experiment, build_experiment, config_from_dict
+from metaif_cli.train.loop import load_trained
+
+
+@dataclass
+class LoadedRun:
+    """A finished training run rebuilt for scoring."""
+
+    run_dir: Path
+    train_cfg: TrainConfig
+    exp: Experiment
+    lam: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+
+
+def load_run(run_dir: Path, device: str | None = None, dtype: str | None = None) -> LoadedRun:
+    """Rebuild experiment, trained ``lam`` and pool weights from a run directory.
+
+    The run's ``threads`` setting applies here too: scoring runs the same small networks
+    as training, and is timed against it (``scripts/bench_score.py``).
+    """
+    saved = load_trained(run_dir)
+    train_cfg = config_from_dict(saved["config"])
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    exp = build_experiment(train_cfg, device=device, dtype=dtype)
+    lam = {k: v.to(exp.device, exp.dtype) for k, v in saved["lam"].items()}
+    pool = exp.pools["train"]
+    ones = {"w": torch.ones(len(pool)), "u": torch.ones(pool.spt_idx.shape), "v": torch.ones(pool.qry_idx.shape)}
+    return LoadedRun(run_dir, train_cfg, exp, lam, saved.get("weights", ones))
+
+
+def tracin_checkpoints(run: LoadedRun) -> list[tuple[torch.Tensor, float]]:
+    """``(theta_c, lr_c)`` of every intermediate checkpoint kept by training."""
+    spec = FlatSpec.of(run.lam)
+    out = []
+    for path in sorted((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
+        saved = torch.load(path, weights_only=False)
+        out.append((spec.flatten({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()}),
+                    float(saved["lr"])))
+    return out
