@@ -1,11 +1,15 @@
 """Value checks shared by the typed configs' ``__post_init__`` (every SPEC section's settings).
 
-Each check raises :class:`~metaif_cli.errors.MetaifError` with the fix in the message.
+Each check raises :class:`~metaif_cli.errors.MetaifError` with the fix in the message. Every
+numeric check is written so that NaN and infinity fail it (``not value > 0`` rather than
+``value <= 0``: every comparison with NaN is false), and integer settings must be whole
+numbers (a bool is not one).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Sequence
 
 from metaif_cli.errors import MetaifError
 
@@ -16,14 +20,64 @@ def choice(name: str, value: Any, options: tuple[str, ...]) -> None:
         raise MetaifError(f"{name}={value!r} is not valid; choose one of: {', '.join(options)}")
 
 
-def positive(name: str, value: float, allow_zero: bool = False) -> None:
-    """``value`` must be > 0 (or >= 0 with ``allow_zero``)."""
-    if value is None or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MetaifError(f"{name}={value!r} is not valid; it must be a number")
+    if not math.isfinite(value):
+        raise MetaifError(f"{name}={value} is not valid; it must be a finite number")
+    return value
+
+
+def finite(name: str, value: Any) -> None:
+    """``value`` must be a finite number (not NaN, not +-inf)."""
+    _number(name, value)
+
+
+def positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    """``value`` must be finite and > 0 (or >= 0 with ``allow_zero``)."""
+    bound = ">= 0" if allow_zero else "> 0"
+    if value is None:
+        raise MetaifError(f"{name}=None is not valid; it must be a finite number {bound}")
+    _number(name, value)
+    if not (value > 0 or (allow_zero and value == 0)):
         raise MetaifError(f"{name}={value} is not valid; it must be {bound}")
 
 
-def fraction(name: str, value: float) -> None:
+def in_range(name: str, value: Any, low: float | None = None, high: float | None = None,
+             low_open: bool = False, high_open: bool = False) -> None:
+    """``value`` must be finite and within ``[low, high]`` (open ends with ``low_open``/``high_open``)."""
+    _number(name, value)
+    ok = True
+    if low is not None:
+        ok = ok and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise MetaifError(f"{name}={value} is not valid; it must be {' and '.join(p for p in (lo, hi) if p)}")
+
+
+def fraction(name: str, value: Any) -> None:
     """``value`` must lie in ``[0, 1)``."""
-    if not 0.0 <= value < 1.0:
-        raise MetaifError(f"{name}={value} is not valid; it must be in [0, 1)")
+    in_range(name, value, 0.0, 1.0, high_open=True)
+
+
+def integer(name: str, value: Any, minimum: int | None = None) -> None:
+    """``value`` must be a whole number, ``>= minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MetaifError(f"{name}={value!r} is not valid; it must be a whole number")
+    if minimum is not None and value < minimum:
+        raise MetaifError(f"{name}={value} is not valid; it must be >= {minimum}")
+
+
+def non_empty(name: str, values: Sequence[Any], example: str) -> None:
+    """A list setting must name at least one item (``example`` shows one)."""
+    if values is None or len(values) == 0:
+        raise MetaifError(f"{name} is empty; give at least one item, e.g. {name}={example}")
+
+
+def at_most(name: str, value: int, limit: int, what: str, fix: str) -> None:
+    """``value`` must not exceed ``limit`` (``what``: what the limit counts; ``fix``: what to do)."""
+    if value > limit:
+        raise MetaifError(f"{name}={value} exceeds {what} ({limit}); {fix}")

@@ -96,6 +96,9 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
 
     @functools.wraps(task_fn)
     def guarded(cfg):
+        global _TASK_CFG
+        _TASK_CFG = cfg
+        fresh = _fresh_run_dir()
         try:
             with redirect_logging():  # log lines above the bars, never on a bar's line
                 return task_fn(cfg)
@@ -103,10 +106,63 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
             err = user_error(exc)
             if err is None:
                 raise
+            if fresh:
+                _remove_fresh_run_dir()  # a refused command leaves no run directory behind
             print(f"metaif {command}: error: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
 
     hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(guarded)()
+
+
+_TASK_CFG: DictConfig | None = None  # the config of the Hydra job running now
+HYDRA_SUBDIR = ".hydra"
+
+
+def _job_log() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return f"{HydraConfig.get().job.name}.log"
+
+
+def _fresh_run_dir() -> bool:
+    """True when the run directory holds nothing but the log Hydra just opened (a new run)."""
+    try:
+        out = output_dir()
+    except Exception:  # not under Hydra
+        return False
+    return out.is_dir() and not [p for p in out.iterdir() if p.name != _job_log()]
+
+
+def _remove_fresh_run_dir() -> None:
+    out = output_dir()
+    log_path = out / _job_log()
+    if log_path.is_file() and not [p for p in out.iterdir() if p != log_path]:
+        log_path.unlink()
+        out.rmdir()
+
+
+def save_hydra_config() -> None:
+    """Write Hydra's ``.hydra/`` (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``) into the run dir.
+
+    The root configs set ``hydra.output_subdir: null`` so that Hydra does not write these
+    before the command has checked its settings: a refused command must not overwrite the
+    record of the run already in that directory. Each command calls this once its checks
+    passed, right before its first write. No-op outside Hydra or when the user set
+    ``hydra.output_subdir`` (Hydra then wrote them itself).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    from metaif_cli.io import write_text
+
+    if _TASK_CFG is None or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None:
+        return
+    folder = output_dir() / HYDRA_SUBDIR
+    write_text(OmegaConf.to_yaml(_TASK_CFG), folder / "config.yaml")
+    write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})), folder / "hydra.yaml")
+    write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task), folder / "overrides.yaml")
 
 
 def to_typed(cfg: DictConfig) -> object:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from metaif_cli.checks import choice, fraction, positive
+from metaif_cli.checks import choice, fraction, integer, non_empty, positive
 from metaif_cli.errors import MetaifError
 
 DATASETS = ("digits", "omniglot", "mnist", "miniimagenet")
@@ -46,11 +46,16 @@ class DatasetConfig:
         choice("dataset.name", self.name, DATASETS)
         choice("dataset.split_by", self.split_by, ("class", "instance"))
         for key in ("ways", "shots", "queries", "num_train_tasks", "num_val_tasks", "num_test_tasks"):
-            positive(f"dataset.{key}", getattr(self, key))
+            integer(f"dataset.{key}", getattr(self, key), minimum=1)
         if self.ways < 2:
             raise MetaifError(f"dataset.ways={self.ways} is not valid; a task needs at least 2 classes")
-        if len(self.split_fractions) != 3 or any(f <= 0 for f in self.split_fractions):
-            raise MetaifError("dataset.split_fractions must be three positive numbers (train, val, test)")
+        if len(self.split_fractions) != 3:
+            raise MetaifError("dataset.split_fractions must be three positive numbers (train, val, test), "
+                              "e.g. dataset.split_fractions=[0.6,0.2,0.2]")
+        for f in self.split_fractions:
+            positive("dataset.split_fractions", f)
+        if self.image_size is not None:
+            integer("dataset.image_size", self.image_size, minimum=1)
 
 
 @dataclass
@@ -75,3 +80,5 @@ class CorruptionConfig:
         choice("corruption.task_mode", self.task_mode, ("permute", "replace", "shift"))
         for role in self.instance_roles:
             choice("corruption.instance_roles", role, ("support", "query"))
+        if self.instance_fraction > 0:
+            non_empty("corruption.instance_roles", self.instance_roles, "[support,query]")

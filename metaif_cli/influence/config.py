@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
-from metaif_cli.checks import choice, positive
+from metaif_cli.checks import choice, in_range, integer, positive
 from metaif_cli.errors import MetaifError
 
 HESSIAN_FORMS = ("exact", "no_third_order", "gamma")
@@ -45,12 +45,13 @@ class HessianConfig:
     def __post_init__(self) -> None:
         choice("hessian.form", self.form, HESSIAN_FORMS)
         positive("hessian.damping", self.damping, allow_zero=True)
-        if not self.damping_factor > 1:
-            raise MetaifError(f"hessian.damping_factor={self.damping_factor} must be > 1 so that H + delta I is "
-                              "positive definite; use 2")
+        if not (isinstance(self.damping_factor, (int, float)) and 1 < self.damping_factor < float("inf")):
+            raise MetaifError(f"hessian.damping_factor={self.damping_factor} must be a finite number > 1 so that "
+                              "H + delta I is positive definite; use 2")
         positive("hessian.gamma_scale", self.gamma_scale, allow_zero=True)
+        integer("hessian.lanczos_iters", self.lanczos_iters, minimum=1)
         if self.num_tasks is not None:
-            positive("hessian.num_tasks", self.num_tasks)
+            integer("hessian.num_tasks", self.num_tasks, minimum=1)
 
 
 @dataclass
@@ -70,8 +71,8 @@ class SolverConfig:
     def __post_init__(self) -> None:
         choice("solver.name", self.name, SOLVERS)
         for key in ("max_iter", "terms", "power_iters", "depth", "repeats", "lissa_tasks"):
-            positive(f"solver.{key}", getattr(self, key))
-        positive("solver.tol", self.tol)
+            integer(f"solver.{key}", getattr(self, key), minimum=1)
+        in_range("solver.tol", self.tol, 0.0, 1.0, low_open=True, high_open=True)
 
 
 @dataclass
@@ -88,7 +89,7 @@ class EvaluationConfig:
     def __post_init__(self) -> None:
         choice("evaluation.kind", self.kind, EVALUATIONS)
         if self.num_tasks is not None:
-            positive("evaluation.num_tasks", self.num_tasks)
+            integer("evaluation.num_tasks", self.num_tasks, minimum=1)
 
 
 class InfluenceSettings(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from metaif_cli.checks import choice, positive
+from metaif_cli.checks import choice, integer, positive
 from metaif_cli.errors import MetaifError
 
 META = ("maml", "anil", "imaml")
@@ -31,9 +31,11 @@ class MetaConfig:
     def __post_init__(self) -> None:
         choice("meta.name", self.name, META)
         positive("meta.inner_lr", self.inner_lr)
-        positive("meta.inner_steps", self.inner_steps)
+        integer("meta.inner_steps", self.inner_steps, minimum=1)
+        if self.eval_inner_steps is not None:  # 0: evaluate the meta-parameters without adaptation
+            integer("meta.eval_inner_steps", self.eval_inner_steps, minimum=0)
         positive("meta.eta", self.eta)
-        positive("meta.cg_iters", self.cg_iters)
+        integer("meta.cg_iters", self.cg_iters, minimum=1)
         if self.name == "imaml" and self.first_order:
             raise MetaifError("meta.first_order applies to maml/anil only; iMAML's meta-gradient is implicit")
 

@@ -110,7 +110,7 @@ class MetaLearner:
     # ---- evaluation -------------------------------------------------------------------
     def evaluate(self, lam: Params, batch: TaskBatch, chunk: int = 32) -> tuple[Tensor, Tensor]:
         """Per-task query loss and accuracy after adaptation (``eval_inner_steps``): ``[T], [T]``."""
-        steps = self.cfg.eval_inner_steps or self.cfg.inner_steps
+        steps = self.cfg.inner_steps if self.cfg.eval_inner_steps is None else self.cfg.eval_inner_steps
         lam = {k: t.detach() for k, t in lam.items()}
 
         def one(x_spt, y_spt, u, x_qry, y_qry, v):

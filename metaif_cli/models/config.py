@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metaif_cli.checks import choice, positive
+from metaif_cli.checks import choice, integer
 from metaif_cli.errors import MetaifError
 
 MODELS = ("mlp", "cnn4")
@@ -26,7 +26,8 @@ class ModelConfig:
         choice("model.name", self.name, MODELS)
         choice("model.norm", self.norm, NORMS)
         choice("model.pool", self.pool, ("max", "stride"))
-        positive("model.hidden", self.hidden)
-        positive("model.layers", self.layers)
+        integer("model.hidden", self.hidden, minimum=1)
+        integer("model.layers", self.layers, minimum=1)
+        integer("model.groups", self.groups, minimum=1)
         if self.norm == "group" and self.hidden % self.groups:
             raise MetaifError(f"model.groups={self.groups} must divide model.hidden={self.hidden}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from metaif_cli.checks import choice, positive
+from metaif_cli.checks import choice, in_range, integer, non_empty, positive
 from metaif_cli.errors import MetaifError
 from metaif_cli.score.config import METHODS, ScoreConfig
 
@@ -41,10 +41,22 @@ class PruneConfig:
         choice("launcher", self.launcher, ("sequential", "joblib", "submitit"))
         for m in self.methods:
             choice("methods", m, METHODS + ("oracle", "retrain"))
+        non_empty("methods", self.methods, "[if,random]")
+        non_empty("fractions", self.fractions, "[0.1,0.2]")
+        non_empty("loo_modes", self.loo_modes, "[cold,warm]")
         for f in self.fractions:
-            if not 0 < f < 1:
-                raise MetaifError(f"fractions must lie in (0, 1); got {f}")
+            in_range("fractions", f, 0.0, 1.0, low_open=True, high_open=True)
         for m in self.loo_modes:
             choice("loo_modes", m, ("cold", "warm"))
-        positive("num_units", self.num_units)
-        positive("warm_steps", self.warm_steps)
+        integer("num_units", self.num_units, minimum=1)
+        integer("warm_steps", self.warm_steps, minimum=1)
+        integer("grad_ascent_steps", self.grad_ascent_steps, minimum=1)
+        positive("grad_ascent_lr", self.grad_ascent_lr)
+        integer("n_jobs", self.n_jobs, minimum=1)
+        integer("seed", self.seed, minimum=0)
+        if self.retrain_subset is not None:
+            integer("retrain_subset", self.retrain_subset, minimum=1)
+        if self.scores is not None and not str(self.scores).strip():
+            raise MetaifError("scores= is empty; pass scores=<a metaif score directory> or leave it out")
+        if len(set(self.methods)) != len(self.methods):
+            raise MetaifError(f"methods={self.methods} names a method twice; list each once")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from metaif_cli.checks import choice, positive
+from metaif_cli.checks import choice, in_range, integer
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence.config import EvaluationConfig, HessianConfig, SolverConfig
 
@@ -48,7 +48,13 @@ class ScoreConfig:
         choice("unit", self.unit, UNITS)
         choice("method", self.method, METHODS)
         choice("derivative", self.derivative, ("auto", "unrolled", "implicit"))
-        positive("chunk", self.chunk)
+        integer("chunk", self.chunk, minimum=1)
+        integer("seed", self.seed, minimum=0)
+        integer("grid_size", self.grid_size, minimum=1)
+        integer("inner_max_iter", self.inner_max_iter, minimum=1)
+        in_range("inner_tol", self.inner_tol, 0.0, 1.0, low_open=True, high_open=True)
+        if not str(self.run).strip():
+            raise MetaifError("run= is empty; pass run=<a directory written by metaif train>")
         if self.device is not None:
             choice("device", self.device, ("auto", "cpu", "cuda"))
         if self.dtype is not None:

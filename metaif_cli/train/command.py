@@ -10,26 +10,36 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
 
 from metaif_cli import constants as C
 from metaif_cli.data.pool import pools_table
-from metaif_cli.hydra_app import output_dir, quiet_libraries, run_hydra_app, to_typed
-from metaif_cli.io import save_csv, save_json
+from metaif_cli.hydra_app import output_dir, quiet_libraries, run_hydra_app, save_hydra_config, to_typed
+from metaif_cli.io import read_csv, save_csv, save_json
 from metaif_cli.train.config import TrainConfig
 from metaif_cli.train.experiment import build_experiment, config_dict
 from metaif_cli.train.loop import train
+from metaif_cli.train.preflight import check_run_dir
 
 log = logging.getLogger("metaif.train")
 
 SCHEMAS = {"train_schema": TrainConfig}
 
 
-def run_train(cfg: TrainConfig, run_dir: Path) -> dict:
-    """Build the experiment from ``cfg``, write the pool description, train (or resume)."""
+def run_train(cfg: TrainConfig, run_dir: Path, before_write: Callable[[], None] | None = None) -> dict:
+    """Build the experiment from ``cfg``, write the pool description, train (or resume).
+
+    Everything is checked before the first write (the data and pools are built, and a
+    ``run_dir`` holding another run is refused); ``before_write`` runs then (the command
+    layer saves Hydra's ``.hydra/`` there).
+    """
     exp = build_experiment(cfg)
+    check_run_dir(run_dir, cfg)
+    if before_write is not None:
+        before_write()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(config_dict(cfg), run_dir / C.TRAIN_CONFIG_JSON)
     table = pools_table(exp.pools, exp.dataset)
@@ -49,8 +59,18 @@ def _task(cfg) -> float:
     typed = to_typed(cfg)
     if typed.threads:
         torch.set_num_threads(typed.threads)  # oversubscribed threads slow small models several-fold
-    results = run_train(typed, output_dir())
-    return float(results["test_acc"])
+    results = run_train(typed, output_dir(), save_hydra_config)
+    return validation_accuracy(results, output_dir())
+
+
+def validation_accuracy(results: dict, run_dir: Path) -> float:
+    """What ``metaif train`` returns to Hydra (a sweeper optimises it): the meta-validation
+    accuracy at the final step, never the meta-test accuracy (selecting on the test set)."""
+    if "val_acc" in results:
+        return float(results["val_acc"])
+    frame = read_csv(run_dir / C.METRICS_CSV, "rerun the same metaif train command to rewrite it",
+                     columns=("step",), complete=())  # a run finished by an older metaif
+    return float(frame["val_acc"].dropna().iloc[-1])
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from metaif_cli.checks import choice, positive
+from metaif_cli.checks import at_most, choice, integer, positive
 from metaif_cli.data.config import CorruptionConfig, DataConfig, DatasetConfig
 from metaif_cli.meta.config import MetaConfig
 from metaif_cli.models.config import ModelConfig
@@ -35,13 +35,11 @@ class OptimConfig:
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
-        positive("optim.steps", self.steps)
-        positive("optim.meta_batch_size", self.meta_batch_size)
+        for key in ("steps", "meta_batch_size", "eval_every", "checkpoint_every"):
+            integer(f"optim.{key}", getattr(self, key), minimum=1)
+        integer("optim.num_checkpoints", self.num_checkpoints, minimum=0)
         positive("optim.lr", self.lr)
         positive("optim.delta_reg", self.delta_reg, allow_zero=True)
-        positive("optim.eval_every", self.eval_every)
-        positive("optim.num_checkpoints", self.num_checkpoints, allow_zero=True)
-        positive("optim.checkpoint_every", self.checkpoint_every)
         choice("optim.optimizer", self.optimizer, ("adam", "sgd"))
 
 
@@ -65,5 +63,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choice("device", self.device, ("auto", "cpu", "cuda"))
         choice("dtype", self.dtype, ("float32", "float64"))
+        integer("seed", self.seed, minimum=0)
         if self.threads is not None:
-            positive("threads", self.threads)
+            integer("threads", self.threads, minimum=1)
+        at_most("optim.meta_batch_size", self.optim.meta_batch_size, self.dataset.num_train_tasks,
+                "the training pool (dataset.num_train_tasks)",
+                "lower optim.meta_batch_size or raise dataset.num_train_tasks")

@@ -92,9 +92,9 @@ def _state(step, lam, opt, gen, metrics, elapsed, exp, weights, setup) -> dict:
 
 def _same_setup(saved: dict, exp: Experiment, weights: PoolWeights, setup: dict) -> bool:
     """Same config (but for display and device), same weights, same steps and start."""
-    ignore = {"progress", "device", "logger"}  # display only: they do not change the result
-    a = {k: v for k, v in saved["config"].items() if k not in ignore}
-    b = {k: v for k, v in config_dict(exp.cfg).items() if k not in ignore}
+    from metaif_cli.train.preflight import comparable  # display options ignored, paths resolved
+
+    a, b = comparable(saved["config"]), comparable(config_dict(exp.cfg))
     return (a == b and saved.get("setup") == setup
             and all(torch.equal(saved["weights"][k], t) for k, t in weights.as_dict().items()))
 
@@ -243,7 +243,9 @@ def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: 
                 "lam": {k: v.detach().cpu() for k, v in lam.items()}, "weights": weights.as_dict(),
                 "model_args": {"image_shape": list(exp.dataset.image_shape), "ways": exp.cfg.dataset.ways}},
                run_dir / C.MODEL_PT)
-    results = {**test, "train_seconds": elapsed, "steps": steps, "seed": exp.cfg.seed,
+    last_val = next((r for r in reversed(metrics) if "val_acc" in r), {})  # evaluated at the final step
+    val = {k: float(last_val[k]) for k in ("val_acc", "val_loss") if k in last_val}
+    results = {**test, **val, "train_seconds": elapsed, "steps": steps, "seed": exp.cfg.seed,
                "device": str(exp.device), "dtype": str(exp.dtype).replace("torch.", ""),
                "versions": {"metaif": metaif_cli.__version__, "torch": torch.__version__,
                             "python": platform.python_version()}}
