@@ -34,6 +34,12 @@ from metaif_cli.errors import MetaifError
 _TMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp$")
 
 
+def resolved_path(text: str | os.PathLike) -> str:
+    """``text`` as an absolute path without ``~``, ``$VAR``, ``..`` or a trailing slash: how settings
+    that name files are compared (``run=out/x``, ``run=./out/x/`` and its absolute path are one run)."""
+    return str(Path(os.path.expandvars(str(text))).expanduser().resolve())
+
+
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 

@@ -42,6 +42,7 @@ class ScoreOutput:
     eval_value: float | None = None
     train_by_test: Tensor | None = None  # [n, T] task scores per evaluation task
     inner_residual: float | None = None  # implicit mode: worst inner solve / CG relative residual
+    reused_s: bool = False  # s was given (computed earlier with the same settings), not solved here
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -157,6 +158,15 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSetting
     return result, curvature
 
 
+@dataclass
+class Solved:
+    """``s = (H + delta I)^{-1} D f`` with the solve that produced it (reusable across shards)."""
+
+    s: Tensor
+    result: solvers.SolveResult
+    curvature: Curvature
+
+
 def _check_finite(name: str, t: Tensor) -> None:
     if not torch.isfinite(t).all():
         raise MetaifError(f"{name} contains NaN or inf: the trained model or data is broken; check the training "
@@ -164,10 +174,14 @@ def _check_finite(name: str, t: Tensor) -> None:
 
 
 def influence(problem: Problem, theta: Tensor, cfg: InfluenceSettings, use_solver: bool = True,
-              index: Tensor | None = None) -> ScoreOutput:
+              index: Tensor | None = None, solved: "Solved | None" = None,
+              on_solved: Callable[["Solved"], None] | None = None) -> ScoreOutput:
     """``if``/``direct_if`` (``use_solver``) or ``grad_sim``: one ``s``, one pass over the tasks.
 
     ``index`` restricts the pass to some training tasks (a shard); ``s`` always uses all of them.
+    ``solved``: ``s`` computed earlier with the same settings (another shard, an earlier run):
+    the solve is skipped. ``on_solved`` receives a freshly computed ``s`` before the unit pass
+    (the caller stores it for the other shards).
     """
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -177,9 +191,14 @@ def influence(problem: Problem, theta: Tensor, cfg: InfluenceSettings, use_solve
     times["eval_grad"] = time.perf_counter() - t0
     result, curvature, train_by_test = None, None, None
     t0 = time.perf_counter()
-    if use_solver:
+    if use_solver and solved is not None:
+        result, curvature, s = solved.result, solved.curvature, solved.s.to(b)
+        log.info("reusing s = (H + delta I)^-1 D f computed earlier with the same settings")
+    elif use_solver:
         result, curvature = solve_ihvp(problem, theta, b, cfg)
         s = result.x
+        if on_solved is not None:
+            on_solved(Solved(s, result, curvature))
     else:
         s = b
     times["solve"] = time.perf_counter() - t0
@@ -196,7 +215,7 @@ def influence(problem: Problem, theta: Tensor, cfg: InfluenceSettings, use_solve
         times["per_task"] = time.perf_counter() - t0
     _check_finite("the scores", scores.task)
     return ScoreOutput(scores, s=s, solve=result, curvature=curvature, eval_value=float(values.mean()),
-                       train_by_test=train_by_test, seconds=times)
+                       train_by_test=train_by_test, seconds=times, reused_s=use_solver and solved is not None)
 
 
 def tracin(make_problem: Callable[[], Problem], checkpoints: list[tuple[Tensor, float]],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from metaif_cli.hydra_app import output_dir, quiet_libraries, run_hydra_app, to_typed
+from metaif_cli.hydra_app import output_dir, quiet_libraries, run_hydra_app, save_hydra_config, to_typed
 from metaif_cli.prune.config import PruneConfig
 from metaif_cli.prune.pipeline import prune_and_retrain
 from metaif_cli.prune.report import compact, loo_summary
@@ -12,7 +12,7 @@ SCHEMAS = {"prune_schema": PruneConfig}
 
 def _task(cfg) -> None:
     quiet_libraries()
-    out = prune_and_retrain(to_typed(cfg), output_dir())
+    out = prune_and_retrain(to_typed(cfg), output_dir(), save_hydra_config)
     table = out["results"]
     if out["protocol"] == "remove":
         print(compact(table))

@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -34,12 +35,12 @@ from metaif_cli.prune.select import oracle_ranking, removed_corrupted_fraction, 
 from metaif_cli.prune.units import Unit, all_units, corrupted_flags
 from metaif_cli.prune.update import IFEditor, evaluate, grad_ascent, retrain_job
 from metaif_cli.prune.config import PruneConfig
+from metaif_cli.prune.preflight import check_prune
 from metaif_cli.score.config import settings_of
 from metaif_cli.score.run import LoadedRun, load_run, read_tasks_csv
 
 log = logging.getLogger(__name__)
 RERUN_TRAIN = "rerun the metaif train command that wrote {run} to rewrite it"
-
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Context:
     run: LoadedRun
     flags: pd.Series  # recorded corruption by unit id
     units: list[Unit]
+    given: Ranking | None = None  # the ranking of scores=, read and checked up front
     _f: EvalFunction | None = None
 
     @property
@@ -68,16 +70,24 @@ class Context:
         return launch(jobs, c.launcher, c.n_jobs, self.out_dir / "submitit", c.progress)
 
 
-def prune_and_retrain(cfg: PruneConfig, out_dir: Path) -> dict:
-    """Run ``metaif prune-and-retrain`` into ``out_dir``; return the summary written there."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(out_dir)  # left by a killed earlier run (retrainings included)
-    save_json(dataclasses.asdict(cfg), out_dir / C.PRUNE_CONFIG_JSON)
+def prune_and_retrain(cfg: PruneConfig, out_dir: Path, before_write: Callable[[], None] | None = None) -> dict:
+    """Run ``metaif prune-and-retrain`` into ``out_dir``; return the summary written there.
+
+    Everything is checked before the first write or any scoring (:mod:`metaif_cli.prune.preflight`,
+    and ``scores=`` is read in full); ``before_write`` runs then (Hydra's ``.hydra/``).
+    """
     run = load_run(Path(cfg.run), cfg.score.device, cfg.score.dtype)
     pool = run.exp.pools["train"]
     tasks_csv = read_tasks_csv(run)
     units = all_units(len(pool), pool.spt_idx.shape[1], pool.qry_idx.shape[1], cfg.unit)
-    ctx = Context(cfg, out_dir, run, corrupted_flags(tasks_csv, cfg.unit), units)
+    check_prune(cfg, run, units, out_dir)
+    given = read_scores_dir(Path(cfg.scores), run, cfg.unit) if cfg.scores else None
+    if before_write is not None:
+        before_write()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out_dir)  # left by a killed earlier run (retrainings included)
+    save_json(dataclasses.asdict(cfg), out_dir / C.PRUNE_CONFIG_JSON)
+    ctx = Context(cfg, out_dir, run, corrupted_flags(tasks_csv, cfg.unit), units, given)
     return loo_protocol(ctx) if cfg.protocol == "loo" else remove_protocol(ctx)
 
 
@@ -87,7 +97,7 @@ def prune_and_retrain(cfg: PruneConfig, out_dir: Path) -> dict:
 def gather_rankings(ctx: Context, methods: list[str]) -> dict[str, Ranking]:
     """One ranking per method: from ``scores=`` for its method, else computed (or cached)."""
     cfg, out = ctx.cfg, {}
-    given = read_scores_dir(Path(cfg.scores), ctx.run, cfg.unit) if cfg.scores else None
+    given = ctx.given
     for method in methods:
         if given is not None and given.method == method:
             _warn_if_settings_differ(given, settings_of(score_config_for(cfg, method)))

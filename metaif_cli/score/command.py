@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from metaif_cli.hydra_app import output_dir, quiet_libraries, run_hydra_app, to_typed
+from metaif_cli.hydra_app import output_dir, quiet_libraries, run_hydra_app, save_hydra_config, to_typed
 from metaif_cli.score.config import ScoreConfig
 from metaif_cli.score.pipeline import score
 
@@ -11,7 +11,7 @@ SCHEMAS = {"score_schema": ScoreConfig}
 
 def _task(cfg) -> None:
     quiet_libraries()
-    score(to_typed(cfg), output_dir())
+    score(to_typed(cfg), output_dir(), save_hydra_config)
 
 
 def main() -> None:

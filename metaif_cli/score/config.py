@@ -9,6 +9,7 @@ from typing import Optional
 
 from metaif_cli.checks import choice, in_range, integer
 from metaif_cli.errors import MetaifError
+from metaif_cli.io import resolved_path
 from metaif_cli.influence.config import EvaluationConfig, HessianConfig, SolverConfig
 
 UNITS = ("task", "instance", "all")
@@ -92,4 +93,6 @@ def parse_unit_ref(text: str) -> tuple[str, int, str | None, int | None]:
 def settings_of(cfg: ScoreConfig) -> dict:
     """The settings that determine the scores (saved beside them and checked on reuse)."""
     ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk"}
-    return {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    out = {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    out["run"] = resolved_path(cfg.run)  # a relative path or a trailing slash names the same run
+    return out

@@ -7,6 +7,8 @@ one method's scores or predicted parameter changes (SPEC sections 3-4).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from metaif_cli.errors import MetaifError
@@ -48,10 +50,13 @@ def build_problem(run: LoadedRun, cfg: ScoreConfig, direct: bool = False) -> Pro
 
 
 def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = None, rank: int = 0,
-               world: int = 1) -> compute.ScoreOutput:
+               world: int = 1, solved: compute.Solved | None = None,
+               on_solved: Callable[[compute.Solved], None] | None = None) -> compute.ScoreOutput:
     """Compute the scores of ``cfg.method`` for the training tasks ``index`` (default all).
 
     ``rank``/``world``: this process under torchrun (Hessian products are summed over processes).
+    ``solved``/``on_solved``: a stored ``s`` to reuse, and where to store a new one
+    (:func:`metaif_cli.influence.compute.influence`).
     """
     theta = FlatSpec.of(run.lam).flatten(run.lam)
     pool = run.exp.pools["train"]
@@ -70,7 +75,8 @@ def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = No
     problem = make(direct=cfg.method == "direct_if")
     if cfg.method == "loss":
         return _select(compute.loss_baseline(problem, theta), index)
-    out = compute.influence(problem, theta, cfg, use_solver=cfg.method != "grad_sim", index=index)
+    out = compute.influence(problem, theta, cfg, use_solver=cfg.method != "grad_sim", index=index, solved=solved,
+                            on_solved=on_solved)
     if isinstance(problem, ImplicitProblem):
         out.inner_residual = problem.max_residual
     return out

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,23 +22,33 @@ from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores
-from metaif_cli.io import clean_stale_temporaries, load_json, load_torch, save_json, save_torch
+from metaif_cli.influence.compute import Solved
+from metaif_cli.io import clean_stale_temporaries, load_json, load_torch, resolved_path, save_json, save_torch
 from metaif_cli.score.config import ScoreConfig, parse_shard, parse_unit_ref, settings_of
 from metaif_cli.score.outputs import detection, instance_table, task_table, write_plots, write_tables
 from metaif_cli.score.methods import pred_delta_lam, run_method
+from metaif_cli.score.ihvp import load_solved, save_solved
+from metaif_cli.score.preflight import check_inputs
 from metaif_cli.score.run import LoadedRun, load_run, read_tasks_csv
 
 log = logging.getLogger(__name__)
 
 
 def check_settings(out_dir: Path, cfg: ScoreConfig) -> None:
-    """Refuse to mix scores of different settings in one directory unless ``overwrite=true``."""
+    """Refuse to mix scores of different settings in one directory unless ``overwrite=true``.
+
+    Only compares (writes nothing): the settings are saved once every check has passed.
+    The run is compared as a resolved path, so a relative path or a trailing slash is the same run.
+    """
     path = out_dir / C.SCORE_SETTINGS_JSON
-    if path.exists() and not cfg.overwrite and load_json(
-            path, "delete it, or pass overwrite=true") != settings_of(cfg):
+    if not path.exists() or cfg.overwrite:
+        return
+    saved = load_json(path, "delete it, or pass overwrite=true")
+    if isinstance(saved, dict) and "run" in saved:
+        saved = {**saved, "run": resolved_path(saved["run"])}
+    if saved != settings_of(cfg):
         raise MetaifError(f"{out_dir} holds scores computed with other settings; pass overwrite=true to replace "
                           "them or choose another hydra.run.dir")
-    save_json(settings_of(cfg), path)
 
 
 def shard_slice(n: int, i: int, k: int) -> torch.Tensor:
@@ -64,13 +75,14 @@ def _gather(scores: UnitScores, world: int) -> UnitScores:
     return UnitScores(*(torch.cat([p[i] for p in parts]) for i in range(3)))
 
 
-def score(cfg: ScoreConfig, out_dir: Path) -> dict:
-    """Run ``metaif score`` into ``out_dir``; return the ``score.json`` content (empty for a non-final shard)."""
+def score(cfg: ScoreConfig, out_dir: Path, before_write: Callable[[], None] | None = None) -> dict:
+    """Run ``metaif score`` into ``out_dir``; return the ``score.json`` content (empty for a non-final shard).
+
+    Everything is checked before the first write: the run, the shard, every unit reference,
+    the checkpoints TracIn needs and the settings of a directory already there.
+    ``before_write`` runs then (the command layer saves Hydra's ``.hydra/`` there).
+    """
     rank, world = _distributed()
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale_temporaries(out_dir)  # left by a killed earlier run
-        check_settings(out_dir, cfg)
     run = load_run(Path(cfg.run), cfg.device, cfg.dtype)
     n = len(run.exp.pools["train"])
     if world > 1:
@@ -79,8 +91,18 @@ def score(cfg: ScoreConfig, out_dir: Path) -> dict:
         i, k = parse_shard(cfg.shard)
     else:
         i, k = 0, 1
+    check_inputs(run, cfg, k, "processes (torchrun --nproc_per_node)" if world > 1 else "shards")
+    if rank == 0:
+        check_settings(out_dir, cfg)
+        if before_write is not None:
+            before_write()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(out_dir)  # left by a killed earlier run
+        save_json(settings_of(cfg), out_dir / C.SCORE_SETTINGS_JSON)
     index = shard_slice(n, i, k) if k > 1 else None
-    out = run_method(run, cfg, index, rank if world > 1 else 0, world)
+    solved = load_solved(out_dir, cfg, run.lam) if world == 1 else None
+    on_solved = (lambda new: save_solved(out_dir, cfg, run.lam, new)) if world == 1 else None
+    out = run_method(run, cfg, index, rank if world > 1 else 0, world, solved=solved, on_solved=on_solved)
     if world > 1:
         out.scores = _gather(out.scores, world)
         if rank != 0:
@@ -93,7 +115,8 @@ def score(cfg: ScoreConfig, out_dir: Path) -> dict:
             log.info("shard %d/%d written; the last shard to finish merges them", i, k)
             return {}
         out.scores = merged
-    return write_outputs(run, cfg, out, out_dir)
+    summary = write_outputs(run, cfg, out, out_dir)
+    return summary
 
 
 def _merge_shards(out_dir: Path, k: int, cfg: ScoreConfig) -> UnitScores | None:
@@ -116,8 +139,8 @@ def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, ou
     tasks_df = task_table(out.scores, tasks_csv, cfg.method) if cfg.unit in ("task", "all") else None
     inst_df = instance_table(out.scores, tasks_csv, cfg.method) if cfg.unit in ("instance", "all") else None
     write_tables(out_dir, tasks_df, inst_df)
-    if out.s is not None:
-        save_torch({"s": out.s.detach().cpu(), "settings": settings_of(cfg)}, out_dir / C.IHVP_PT)
+    if out.s is not None and out.solve is not None:
+        save_solved(out_dir, cfg, run.lam, Solved(out.s, out.solve, out.curvature))
     if out.train_by_test is not None:
         mat = pd.DataFrame(out.train_by_test.double().cpu().numpy(),
                            columns=[f"test_task_{t}" for t in range(out.train_by_test.shape[1])])
@@ -145,7 +168,7 @@ def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, ou
     if out.solve is not None:
         summary["solver"] = {"method": out.solve.method, "iterations": out.solve.iterations,
                              "relative_residual": out.solve.residual, "converged": out.solve.converged,
-                             "eigenvalue_max": out.solve.eigenvalue_max}
+                             "eigenvalue_max": out.solve.eigenvalue_max, "reused_from_ihvp_pt": out.reused_s}
     summary["detection"] = {unit: detection(df, cfg.method) for unit, df in (("task", tasks_df), ("instance", inst_df))
                             if df is not None and df["corrupted"].any()}
     if cfg.plots:

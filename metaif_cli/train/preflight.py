@@ -10,22 +10,16 @@ so ``data.root=data`` and ``data.root=./data/`` are the same setting.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.io import load_json, load_torch
+from metaif_cli.io import load_json, load_torch, resolved_path
 from metaif_cli.train.config import TrainConfig
 from metaif_cli.train.experiment import config_dict
 
 DISPLAY_ONLY = ("progress", "device", "logger")  # they do not change the result
 PATH_KEYS = (("data", "root"), ("data", "cache"))
-
-
-def resolved_path(text: str) -> str:
-    """``text`` as an absolute path without ``~``, ``..`` or a trailing slash."""
-    return str(Path(os.path.expandvars(str(text))).expanduser().resolve())
 
 
 def comparable(config: dict) -> dict:

@@ -1,0 +1,45 @@
+"""Checks ``metaif score`` makes before any expensive work or write (SPEC section 3).
+
+Every reference a command line makes into the training pool is checked against the
+loaded run: the shard count against the number of training tasks (no empty shard),
+``pred_delta_lam`` references against the pool's tasks, support and query positions,
+``evaluation.num_tasks`` against the meta-test pool, the intermediate checkpoints
+``method=tracin`` needs. Each failure is one line saying what to fix.
+"""
+
+from __future__ import annotations
+
+from metaif_cli import constants as C
+from metaif_cli.errors import MetaifError
+from metaif_cli.score.config import ScoreConfig, parse_unit_ref
+from metaif_cli.score.run import LoadedRun
+
+
+def check_unit_refs(refs: list[str], n: int, shots: int, queries: int, name: str = "pred_delta_lam") -> None:
+    """Each ``task:K`` / ``support:K:J`` / ``query:K:J`` must name a unit of the pool."""
+    for text in refs:
+        _, task, role, position = parse_unit_ref(text)
+        if not 0 <= task < n:
+            raise MetaifError(f"{name}: {text!r} names task {task}, but the training pool has tasks 0..{n - 1}; "
+                              "use a task id from the run's tasks.csv")
+        size = shots if role == "support" else queries
+        if role is not None and not 0 <= position < size:
+            raise MetaifError(f"{name}: {text!r} names {role} position {position}, but each task has {size} {role} "
+                              f"instances (positions 0..{size - 1})")
+
+
+def check_inputs(run: LoadedRun, cfg: ScoreConfig, shards: int, what: str = "shards") -> None:
+    """Refuse, before scoring, anything that names more than the run holds."""
+    pool = run.exp.pools["train"]
+    n = len(pool)
+    if shards > n:
+        raise MetaifError(f"{shards} {what} for {n} training tasks would leave some empty; use at most {n} "
+                          f"(e.g. shard=0/{n})")
+    check_unit_refs(list(cfg.pred_delta_lam), n, pool.spt_idx.shape[1], pool.qry_idx.shape[1])
+    n_test = len(run.exp.pools["test"])
+    if cfg.evaluation.num_tasks is not None and cfg.evaluation.num_tasks > n_test:
+        raise MetaifError(f"evaluation.num_tasks={cfg.evaluation.num_tasks} exceeds the run's {n_test} meta-test "
+                          f"tasks; use at most {n_test}, or null for all")
+    if cfg.method == "tracin" and not any((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
+        raise MetaifError(f"method=tracin needs the intermediate checkpoints of the training run, and "
+                          f"{run.run_dir / C.CHECKPOINT_DIR} holds none; retrain with optim.num_checkpoints > 0")
