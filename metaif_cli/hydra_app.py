@@ -41,8 +41,25 @@ def short_hash(text: str) -> str:
     return hashlib.sha1(str(text).encode()).hexdigest()[:8]
 
 
+DISPLAY_KEYS = ("progress", "overwrite", "plots", "launcher", "n_jobs", "score.progress", "logger", "logger.log_dir")
+
+
+def sweep_hash(argv: list[str]) -> str:
+    """Eight hex digits naming a sweep folder after its command-line overrides (``hydra.sweep.dir``).
+
+    Display options and Hydra's own settings are left out and the order does not matter,
+    so rerunning a sweep finds its folder and each job its run directory (each job's
+    subfolder is named after that job's overrides): a rerun of a sweep resumes it.
+    """
+    keep = sorted(a for a in argv if "=" in a and not a.startswith("-")
+                  and a.split("=", 1)[0].lstrip("+~") not in DISPLAY_KEYS and not a.lstrip("+~").startswith("hydra"))
+    return short_hash(",".join(keep))
+
+
 def register_resolvers() -> None:
-    """OmegaConf resolvers used in ``hydra.run.dir``."""
+    """OmegaConf resolvers used in ``hydra.run.dir`` and ``hydra.sweep.dir``."""
+    name = sweep_hash(sys.argv[1:])
+    OmegaConf.register_new_resolver("metaif_sweep", lambda: name, replace=True)
     if not OmegaConf.has_resolver("metaif_hash"):
         OmegaConf.register_new_resolver("metaif_hash", short_hash)
     if not OmegaConf.has_resolver("metaif_basename"):
