@@ -10,6 +10,6 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["metaif_cli", "metaif_cli.*"]), "metaif_cli.conf"],
     package_dir={"metaif_cli.conf": "conf"},
-    package_data={"metaif_cli.conf": ["*.yaml", "*/*.yaml"]},
+    package_data={"metaif_cli.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     include_package_data=False,
 )

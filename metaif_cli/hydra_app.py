@@ -24,9 +24,12 @@ def conf_dir() -> str:
 
     The configs live in ``conf/`` at the top of the repository; the wheel ships them as the
     package ``metaif_cli.conf`` (``setup.py``), so a non-editable install finds them too.
+    Each command has its own folder there, ``conf/<command>/``, with its root config and
+    only the config groups that apply to it (``metaif score --help`` lists score's groups;
+    ``experiment=`` names a preset of the command it is given to).
     """
     packaged = Path(__file__).resolve().parent / "conf"
-    if (packaged / "train.yaml").is_file():
+    if (packaged / "train" / "train.yaml").is_file():
         return str(packaged)
     return str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -128,7 +131,12 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
             print(f"metaif {command}: error: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
 
-    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(guarded)()
+    hydra.main(version_base="1.3", config_path=command_conf_dir(config_name), config_name=config_name)(guarded)()
+
+
+def command_conf_dir(config_name: str) -> str:
+    """``conf/<config_name>/``: a command's root config and its own config groups."""
+    return str(Path(CONF_DIR) / config_name)
 
 
 _TASK_CFG: DictConfig | None = None  # the config of the Hydra job running now

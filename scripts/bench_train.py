@@ -29,7 +29,7 @@ meta-batch 16, tasks per second (speed-up of vmap over the loop in brackets):
       MAML 2nd order  loop 1.7   vmap 2.5  (1.5x)    MAML 1st order  loop 1.6   vmap 2.4  (1.5x)
       ANIL 2nd order  loop 1.5   vmap 16.1 (10.5x)   ANIL 1st order  loop 2.6   vmap 22.4 (8.6x)
       iMAML  loop 0.48  vmap 1.35 (2.8x)
-    conf/experiment/omniglot_cpu.yaml's net (strided convs, 1 inner step of 0.4), --threads 1:
+    conf/train/experiment/omniglot_cpu.yaml's net (strided convs, 1 inner step of 0.4), --threads 1:
       MAML 2nd order  loop 46.6  vmap 87.8 (1.9x)    MAML 1st order  loop 73.4  vmap 131.9 (1.8x)
       ANIL 2nd order  loop 72.1  vmap 105.0 (1.5x)   ANIL 1st order  loop 96.9  vmap 138.1 (1.4x)
 
@@ -71,11 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="meta-gradients per timed repeat")
     p.add_argument("--warmup", type=int, default=1, help="untimed meta-gradients before timing")
     p.add_argument("--meta-batch", type=int, default=16, help="tasks per meta-batch")
-    p.add_argument("--hidden", type=int, default=32, help="cnn4 filters (conf/model/cnn4.yaml)")
+    p.add_argument("--hidden", type=int, default=32, help="cnn4 filters (conf/train/model/cnn4.yaml)")
     p.add_argument("--pool", default="max", choices=("max", "stride"), help="cnn4 down-sampling")
-    p.add_argument("--inner-steps", type=int, default=5, help="inner SGD steps of MAML/ANIL (conf/meta)")
-    p.add_argument("--inner-lr", type=float, default=0.5, help="inner step size of MAML/ANIL (conf/meta)")
-    p.add_argument("--imaml-inner-steps", type=int, default=20, help="inner steps of iMAML (conf/meta/imaml.yaml)")
+    p.add_argument("--inner-steps", type=int, default=5, help="inner SGD steps of MAML/ANIL (conf/train/meta)")
+    p.add_argument("--inner-lr", type=float, default=0.5, help="inner step size of MAML/ANIL (conf/train/meta)")
+    p.add_argument("--imaml-inner-steps", type=int, default=20, help="inner steps of iMAML (conf/train/meta/imaml.yaml)")
     p.add_argument("--cg-iters", type=int, default=10, help="iMAML conjugate-gradient steps")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--only", nargs="+", default=None, choices=("maml", "anil", "imaml"),
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_config(args: argparse.Namespace, method: str, first_order: bool) -> TrainConfig:
     """The real 5-way 1-shot Omniglot setting with the given meta-learner."""
     inner = args.imaml_inner_steps if method == "imaml" else args.inner_steps
-    lr = 0.3 if method == "imaml" else args.inner_lr  # iMAML: conf/meta/imaml.yaml
+    lr = 0.3 if method == "imaml" else args.inner_lr  # iMAML: conf/train/meta/imaml.yaml
     return TrainConfig(
         seed=0,
         device=args.device,

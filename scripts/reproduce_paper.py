@@ -34,7 +34,7 @@ from metaif_cli.prune.report import markdown
 
 log = logging.getLogger("reproduce_paper")
 
-# CPU-scale settings per dataset (GPU presets in conf/experiment/ are the paper-scale ones).
+# CPU-scale settings per dataset (GPU presets in conf/train/experiment/ are the paper-scale ones).
 TRAIN = {
     "omniglot": ["dataset=omniglot", "model=cnn4", "model.hidden=16", "dataset.num_train_tasks=100",
                  "dataset.num_test_tasks=100", "dataset.queries=5", "optim.steps=400", "optim.meta_batch_size=8",

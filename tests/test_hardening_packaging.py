@@ -42,7 +42,7 @@ def test_packaging_wheel_ships_every_config(wheel):
     source = {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
     shipped = {n.removeprefix("metaif_cli/conf/") for n in names if n.startswith("metaif_cli/conf/")}
     assert source and shipped == source
-    assert (REPO / "conf" / "train.yaml").is_file()  # conf/ stays at the top of the repository
+    assert (REPO / "conf" / "train" / "train.yaml").is_file()  # conf/ stays at the top of the repository
 
 
 def test_packaging_installed_wheel_runs_train_from_another_folder(wheel, tmp_path):

@@ -43,7 +43,7 @@ def compose_config(root: str, overrides: list[str]):
     """Compose ``conf/<root>.yaml`` with ``overrides`` exactly as the command layer does."""
     register_configs()
     register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF / root), version_base="1.3"):
         return compose(config_name=root, overrides=overrides)
 
 
@@ -60,7 +60,7 @@ def typed_config(root: str, overrides: list[str]):
 
 def _groups_of(root: str) -> list[str]:
     """Config groups named in the defaults list of ``conf/<root>.yaml`` (Hydra's own groups skipped)."""
-    defaults = OmegaConf.to_container(OmegaConf.load(CONF / f"{root}.yaml")).get("defaults", [])
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF / root / f"{root}.yaml")).get("defaults", [])
     groups = []
     for entry in defaults:
         if isinstance(entry, dict):
@@ -97,10 +97,10 @@ def _option_cases() -> list:
     """
     cases = []
     for root in ROOT_SCHEMAS:
-        if not (CONF / f"{root}.yaml").exists():
+        if not (CONF / root / f"{root}.yaml").exists():
             continue
         for group in _groups_of(root):
-            for path in sorted((CONF / group).glob("*.yaml")):
+            for path in sorted((CONF / root / group).glob("*.yaml")):
                 commands = _commands_in_header(path, group)
                 if commands and COMMAND_OF_ROOT[root] not in commands:
                     continue
@@ -116,32 +116,38 @@ def test_every_config_option_composes(root, group, option):
 
 def test_every_option_file_is_tested():
     """No option file is silently left out (e.g. a preset whose header names no known root)."""
-    tested = {(group, option) for root, group, option in (c.values for c in _option_cases())}
-    on_disk = {(p.parent.name, p.stem) for p in CONF.glob("*/*.yaml") if p.parent.name != "hydra"}
+    tested = {(root, group, option) for root, group, option in (c.values for c in _option_cases())}
+    on_disk = {(p.parent.parent.name, p.parent.name, p.stem) for p in CONF.glob("*/*/*.yaml")
+               if p.parent.name != "hydra"}
     assert on_disk <= tested, f"option files composed with no root config: {sorted(on_disk - tested)}"
 
 
 def _header_references() -> list:
-    """``(file, group, option)`` for every ``group=option`` a config header's example commands use."""
-    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    """``(file, root, group, option)`` for every ``group=option`` a config header's example commands use.
+
+    Each command's configs live in ``conf/<root>/``: a file there may only name that root's groups.
+    """
     refs = set()
-    for path in sorted(CONF.glob("*.yaml")) + sorted(CONF.glob("*/*.yaml")):
-        for line in path.read_text().splitlines():
-            if line.startswith("#") and "metaif " in line:
-                for group, option in re.findall(r"(?<![\w.+])(\w+)=([\w-]+)", line):
-                    if group in groups and "," not in option:
-                        refs.add((str(path.relative_to(CONF)), group, option))
-    return [pytest.param(*ref, id="{}:{}={}".format(*ref)) for ref in sorted(refs)]
+    for root in ROOT_SCHEMAS:
+        folder = CONF / root
+        groups = {p.name for p in folder.iterdir() if p.is_dir()}
+        for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*/*.yaml")):
+            for line in path.read_text().splitlines():
+                if line.startswith("#") and "metaif " in line:
+                    for group, option in re.findall(r"(?<![\w.+])(\w+)=([\w-]+)", line):
+                        if group in groups and "," not in option:
+                            refs.add((str(path.relative_to(CONF)), root, group, option))
+    return [pytest.param(*ref, id="{}:{}={}".format(ref[0], *ref[2:])) for ref in sorted(refs)]
 
 
-@pytest.mark.parametrize(("source", "group", "option"), _header_references())
-def test_presets_named_in_config_headers_exist(source, group, option):
-    assert (CONF / group / f"{option}.yaml").exists(), f"conf/{source} names {group}={option}, which is missing"
+@pytest.mark.parametrize(("source", "root", "group", "option"), _header_references())
+def test_presets_named_in_config_headers_exist(source, root, group, option):
+    assert (CONF / root / group / f"{option}.yaml").exists(), f"conf/{source} names {group}={option}, which is missing"
 
 
 @pytest.mark.parametrize("root", list(ROOT_SCHEMAS))
 def test_root_config_composes(root):
-    if not (CONF / f"{root}.yaml").exists():
+    if not (CONF / root / f"{root}.yaml").exists():
         pytest.skip(f"conf/{root}.yaml is not written yet")
     assert isinstance(typed_config(root, []), ROOT_SCHEMAS[root])
 

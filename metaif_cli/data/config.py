@@ -1,7 +1,7 @@
 """Typed configuration of the data: where datasets live, the few-shot tasks, label corruption
 (SPEC sections 1 and 6).
 
-Dataclasses only; Hydra composes ``conf/dataset/*.yaml`` on top of them in the command
+Dataclasses only; Hydra composes ``conf/train/dataset/*.yaml`` on top of them in the command
 layer, the core receives them as plain objects.
 """
 

@@ -12,7 +12,7 @@ from metaif_cli.score.config import METHODS, ScoreConfig
 
 @dataclass
 class PruneConfig:
-    """Root of ``metaif prune-and-retrain`` (``conf/prune_and_retrain.yaml``)."""
+    """Root of ``metaif prune-and-retrain`` (``conf/prune_and_retrain/prune_and_retrain.yaml``)."""
 
     run: str = "???"
     scores: Optional[str] = None

@@ -18,7 +18,7 @@ METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin")
 
 @dataclass
 class ScoreConfig:
-    """Root of ``metaif score`` (``conf/score.yaml``).
+    """Root of ``metaif score`` (``conf/score/score.yaml``).
 
     ``chunk``: tasks per vmapped call in every pass over tasks; memory grows with it, and
     on CPU 32 was fastest for a cnn4 on Omniglot (64 was slower and used 4 GB).

@@ -1,6 +1,6 @@
 """Typed configuration of ``metaif train`` (SPEC section 1): the outer loop and the root config.
 
-Hydra composes ``conf/train.yaml`` on top of :class:`TrainConfig` (registered in the
+Hydra composes ``conf/train/train.yaml`` on top of :class:`TrainConfig` (registered in the
 ConfigStore by the command layer), so a misspelt key or a wrong type fails at
 composition. Library code receives these dataclasses, never a raw DictConfig
 (STYLE, lightning-hydra-template). Value checks live in ``__post_init__`` and raise
@@ -45,7 +45,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """Root of ``metaif train`` (``conf/train.yaml``)."""
+    """Root of ``metaif train`` (``conf/train/train.yaml``)."""
 
     seed: int = 0
     device: str = "auto"
