@@ -89,9 +89,28 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
             if err is None:
                 raise
             print(f"metaif {command}: error: {one_line(err)}", file=sys.stderr)
+            remove_if_only_hydra()
             sys.exit(2)
 
     hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(guarded)()
+
+
+def remove_if_only_hydra() -> None:
+    """After a refused command, delete its run directory when it holds nothing but Hydra's own files
+    (``.hydra/``, the job log), so a bad input leaves nothing behind."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # no Hydra context: nothing was created
+        return
+    if not run_dir.is_dir() or Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+        return
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        logging.shutdown()  # the job log is open
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def to_typed(cfg: DictConfig) -> object:

@@ -8,12 +8,13 @@ layer, the core receives them as plain objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from metaif_cli.checks import choice, fraction, positive
 from metaif_cli.errors import MetaifError
 
-DATASETS = ("digits", "omniglot", "mnist", "miniimagenet")
+DATASETS = ("digits", "omniglot", "mnist", "miniimagenet", "folder")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class DatasetConfig:
     image_size: Optional[int] = None
     rotations: bool = False
     download: bool = False
+    path: Optional[str] = None  # folder: the image folder (recorded absolute)
+    channels: Optional[int] = None  # folder: 1 grey, 3 RGB, null = the first image's
 
     def __post_init__(self) -> None:
         choice("dataset.name", self.name, DATASETS)
@@ -51,6 +54,8 @@ class DatasetConfig:
             raise MetaifError(f"dataset.ways={self.ways} is not valid; a task needs at least 2 classes")
         if len(self.split_fractions) != 3 or any(f <= 0 for f in self.split_fractions):
             raise MetaifError("dataset.split_fractions must be three positive numbers (train, val, test)")
+        if self.path is not None:  # saved runs must find the folder from any working directory
+            self.path = str(Path(self.path).expanduser().resolve())
 
 
 @dataclass
