@@ -69,16 +69,16 @@ def mnist_digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_digit_folder(root: Path, classes: int = 6, per_class: int = 8, jpeg_every: int = 3) -> Path:
     """``root/digit<c>/<id>.png|jpg``: real MNIST digits, some saved as JPEG; returns ``root``."""
-    from torchvision.io import write_jpeg, write_png
+    from PIL import Image
 
     images, labels = mnist_digits()
     for c in range(classes):
         folder = root / f"digit{c}"
         folder.mkdir(parents=True, exist_ok=True)
         for j, i in enumerate(torch.nonzero(labels == c).flatten()[:per_class].tolist()):
-            img = images[i][None]  # [1, 28, 28]
+            img = Image.fromarray(images[i].numpy())  # 28x28 grey
             if jpeg_every and j % jpeg_every == 0:
-                write_jpeg(img.expand(3, -1, -1).contiguous(), str(folder / f"{i:05d}.jpg"))  # an RGB JPEG
+                img.convert("RGB").save(folder / f"{i:05d}.jpg", quality=95)  # an RGB JPEG
             else:
-                write_png(img, str(folder / f"{i:05d}.png"))
+                img.save(folder / f"{i:05d}.png")
     return root

@@ -43,9 +43,14 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             obj = obj[key]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
         raise MetaifError(f"weights={path} holds no state dict of tensors; save torch.save(model.state_dict(), path)")
-    sd = dict(obj)
+    return strip_prefixes(obj)
+
+
+def strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Remove a wrapper's prefix shared by every key (``module.`` of learn2learn's ``MAML``)."""
+    sd = dict(state_dict)
     for prefix in PREFIXES:
-        if all(k.startswith(prefix) for k in sd):
+        if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
