@@ -106,7 +106,7 @@ def maml_train(net: nn.Module, batch, steps: int, meta_batch: int, inner_steps: 
                 params = {n: p - inner_lr * g for (n, p), g in zip(params.items(), grads)}
             query_loss = F.cross_entropy(functional_call(net, params, (batch.x_qry[k],)), batch.y_qry[k])
             (query_loss / len(idx)).backward()
-            total += float(query_loss) / len(idx)
+            total += query_loss.item() / len(idx)
         opt.step()
         losses.append(total)
     return losses

@@ -31,7 +31,7 @@ CLI_SETTINGS = ["hessian.num_tasks=6", "evaluation.num_tasks=4", "dtype=float64"
 
 def _config(folder: Path) -> api.TrainConfig:
     return api.TrainConfig(
-        seed=1, progress=False,
+        seed=1, progress=False, data=api.DataConfig(root="./data", cache=".cache/metaif"),
         dataset=api.DatasetConfig(name="folder", path=str(folder), image_size=8, channels=1, ways=3, shots=1,
                                   queries=2, num_train_tasks=8, num_val_tasks=3, num_test_tasks=4,
                                   split_fractions=[0.34, 0.33, 0.33]),
@@ -97,3 +97,16 @@ def test_task_pools_from_folder_and_tensors(trained):
     assert a.table.equals(b.table) and not a.table.equals(pools.table)
     ids = a.table.instance_id.to_numpy()
     assert (a.dataset.labels[ids].numpy() == a.table["class"].astype(int).to_numpy()).all()
+
+
+def test_example_script_runs(tmp_path, shared_data):
+    """``scripts/example_own_model.py`` at CI size: own folder, own network and loop, import, score."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "example_own_model.py"), "--out", str(tmp_path / "ex"),
+                           "--data", str(shared_data), "--steps", "3", "--tasks", "10", "--per-class", "6", "--top", "3"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "most harmful training tasks" in proc.stdout
+    scores = api.load_scores(tmp_path / "ex" / "scores")
+    assert len(scores.task_scores) == 10 and scores.task_scores[C.SCORE_COLUMN].notna().all()
+    assert (tmp_path / "ex" / "run" / C.MODEL_PT).exists()

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -100,6 +101,13 @@ def test_module_prefixed_state_dict_imports_and_scores_identically(tmp_path):
         assert a == (tmp_path / "s_imported" / name).read_text(), name
     s_a = torch.load(tmp_path / "s_trained" / C.IHVP_PT, weights_only=False)["s"]
     assert torch.equal(s_a, torch.load(tmp_path / "s_imported" / C.IHVP_PT, weights_only=False)["s"])
+    # prune-and-retrain retrains with the imported settings, the unpruned baseline included
+    metaif("prune-and-retrain", f"run={imported}", f"scores={tmp_path / 's_imported'}", "methods=[if]",
+           "fractions=[0.5]", "progress=false", f"hydra.run.dir={tmp_path / 'pruned'}")
+    results = pd.read_csv(tmp_path / "pruned" / C.PRUNE_RESULTS_CSV)
+    assert results.method.tolist() == ["none", "if"] and (results.retrain_seconds > 0).all()
+    retrained = json.loads((tmp_path / "pruned" / C.RETRAIN_DIR / "none-0" / C.RESULTS_JSON).read_text())
+    assert retrained["test_acc"] == json.loads((run / C.RESULTS_JSON).read_text())["test_acc"]  # same loop, same run
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing left
