@@ -12,8 +12,8 @@ What a user does, start to end:
    (``api.import_weights``, the same as ``metaif import``), scores every training task
    (``api.score``, the same as ``metaif score``) and prints the most harmful tasks.
 
-    python scripts/example_own_model.py --out /tmp/own_example            # about a minute on a CPU
-    python scripts/example_own_model.py --out /tmp/x --steps 5 --tasks 12 # the size CI runs
+    python scripts/example_own_model.py --out /tmp/own_example     # about two minutes on a CPU
+    python scripts/example_own_model.py --out /tmp/x --steps 3 --tasks 10 --per-class 20 --queries 3  # CI
 
 Afterwards the CLI works on the same run: ``metaif score run=<out>/run``,
 ``metaif prune-and-retrain run=<out>/run`` (it retrains with the settings given to the import).
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=SHARED, help="folder holding MNIST/raw/t10k-*.gz")
     parser.add_argument("--per-class", type=int, default=30, help="images per digit written to the folder")
     parser.add_argument("--tasks", type=int, default=40, help="training tasks")
-    parser.add_argument("--steps", type=int, default=60, help="outer steps of my training loop")
+    parser.add_argument("--steps", type=int, default=100, help="outer steps of my training loop")
+    parser.add_argument("--queries", type=int, default=5, help="query images per class in a task")
     parser.add_argument("--hidden", type=int, default=8)
     parser.add_argument("--top", type=int, default=5, help="harmful tasks to print")
     args = parser.parse_args(argv)
@@ -130,12 +131,13 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     folder = write_mnist_folder(args.out / "digits", args.data, args.per_class)
-    ways, inner_steps, inner_lr, lr, meta_batch = 3, 1, 0.4, 3e-3, 4
+    ways, inner_steps, inner_lr, lr, meta_batch = 5, 1, 0.4, 3e-3, 4
     cfg = api.TrainConfig(
         seed=0, progress=False,
+        # ten digits only: train/val/test tasks use disjoint images of the same classes, as metaif's MNIST does
         dataset=api.DatasetConfig(name="folder", path=str(folder), image_size=28, channels=1, ways=ways, shots=1,
-                                  queries=3, num_train_tasks=args.tasks, num_val_tasks=5, num_test_tasks=10,
-                                  split_fractions=[0.4, 0.3, 0.3]),
+                                  queries=args.queries, num_train_tasks=args.tasks, num_val_tasks=5,
+                                  num_test_tasks=10, split_by="instance", split_fractions=[0.5, 0.2, 0.3]),
         corruption=api.CorruptionConfig(task_fraction=0.2, task_mode="shift"),  # some harmful tasks, on purpose
         model=api.ModelConfig(name="custom", factory=f"{Path(__file__).resolve()}:make_net",
                               kwargs={"ways": ways, "hidden": args.hidden}, head="fc"),
