@@ -64,7 +64,7 @@ def one_line(exc: BaseException) -> str:
         text += ": " + " ".join(str(cause).split()).split(" full_key:")[0]
     for key, hint in HINTS.items():
         if f"'{key}'" in text:
-            text += f" (did you mean {hint}? model= picks the network: mlp or cnn4)"
+            text += f" (did you mean {hint}? model= picks the network: mlp, cnn4 or custom)"
     return text
 
 

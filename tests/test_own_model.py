@@ -178,6 +178,14 @@ def test_folder_split_subfolders_fix_the_class_split(tmp_path, digit_folder):
     names, _, splits = list_folder(tmp_path)
     assert names == ["train/digit0", "train/digit1", "val/digit2", "test/digit3"]
     assert splits == {"train": [0, 1], "val": [2], "test": [3]}
+    from metaif_cli.data.config import DatasetConfig
+    from metaif_cli.data.pool import split_classes
+
+    fixed = load_folder(tmp_path, image_size=8, channels=1)
+    available = split_classes(fixed, DatasetConfig(name="folder"), torch.Generator().manual_seed(0))
+    assert set(fixed.labels[available["val"]].tolist()) == {2}
+    with pytest.raises(MetaifError, match="use dataset.split_by=class"):
+        split_classes(fixed, DatasetConfig(name="folder", split_by="instance"), torch.Generator())
     shutil.rmtree(tmp_path / "val")
     with pytest.raises(MetaifError, match="no val"):
         list_folder(tmp_path)
