@@ -206,3 +206,27 @@ def test_folder_bad_inputs_name_the_file_or_class(tmp_path, digit_folder):
     bad.write_bytes(b"not a png at all")
     with pytest.raises(MetaifError, match="cannot decode image .*broken.png"):
         load_folder(tmp_path / "d", image_size=8, channels=1)
+
+
+def test_anil_adapts_only_the_custom_head(float64):
+    model = build_model(_cfg("make_named_net", head="fc"), (1, 8, 8), 3, seed=0).double()
+    learner = MetaLearner(model, MetaConfig(name="anil", inner_steps=2, inner_lr=0.5))
+    lam = {k: p.detach().clone() for k, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 1, 8, 8, generator=g), torch.arange(3).repeat_interleave(2)
+    phi = learner.adapt(lam, x, y, torch.ones(6))
+    changed = sorted(k for k in lam if not torch.equal(lam[k], phi[k]))
+    assert changed == ["head.bias", "head.weight"]
+
+
+def test_save_image_folder_round_trip(tmp_path):
+    from metaif_cli import api
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(12, 3, 8, 8, generator=g)  # [N, C, H, W]
+    labels = torch.tensor([0, 1, 2] * 4)
+    api.save_image_folder(images, labels, tmp_path / "f", class_names=["a", "b", "c"])
+    back = load_folder(tmp_path / "f", image_size=8, channels=3)
+    order = labels.argsort(stable=True)  # the folder lists class by class, rows in order within a class
+    assert back.class_names == ["a", "b", "c"] and torch.equal(back.labels, labels[order])
+    assert float((back.images - images[order]).abs().max()) <= 0.5 / 255 + 1e-6
