@@ -102,9 +102,9 @@ def test_task_pools_from_folder_and_tensors(trained):
 def test_example_script_runs(tmp_path, shared_data):
     """``scripts/example_own_model.py`` at CI size: own folder, own network and loop, import, score."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "example_own_model.py"), "--out", str(tmp_path / "ex"),
-                           "--data", str(shared_data), "--steps", "3", "--tasks", "10", "--per-class", "20", "--queries", "3",
-                           "--top", "3"],
+    args = ["--out", str(tmp_path / "ex"), "--data", str(shared_data), "--steps", "3", "--tasks", "10",
+            "--per-class", "20", "--queries", "3", "--top", "3"]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "example_own_model.py"), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "most harmful training tasks" in proc.stdout

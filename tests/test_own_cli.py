@@ -127,8 +127,10 @@ def _bad_folders(root: Path, digits: Path) -> dict[str, Path]:
 
 
 BAD = {  # name: (command and overrides without paths, fragment of the one-line error)
-    "unreadable_image": (["train", *FOLDER, "dataset.path={unreadable}"], "cannot decode image {unreadable}/digit4/00999.png"),
-    "class_with_too_few_images": (["train", *FOLDER, "dataset.path={few}"], "class 'digit7' ({few}/digit7) has 1 images"),
+    "unreadable_image": (["train", *FOLDER, "dataset.path={unreadable}"],
+                         "cannot decode image {unreadable}/digit4/00999.png"),
+    "class_with_too_few_images": (["train", *FOLDER, "dataset.path={few}"],
+                                  "class 'digit7' ({few}/digit7) has 1 images"),
     "empty_folder": (["train", *FOLDER, "dataset.path={empty}"], "{empty} holds no class subfolders"),
     "missing_factory": (["train", "model=custom", "model.factory=no_such_pkg_xyz.nets:make_net"],
                         "importing no_such_pkg_xyz.nets failed"),
@@ -136,8 +138,8 @@ BAD = {  # name: (command and overrides without paths, fragment of the one-line 
                        "raised ValueError: this factory is broken on purpose"),
     "refused_layer": (["train", "model=custom", f"model.factory={HELPERS}:make_layernorm_net", "model.head=4",
                        "dataset.ways=3"], "layer '2' (LayerNorm)"),
-    "mismatching_state_dict": (["import", "weights={weights}"], "missing keys: body.1.bias, head.bias; unexpected keys: "
-                                                               "extra.weight"),
+    "mismatching_state_dict": (["import", "weights={weights}"],
+                               "missing keys: body.1.bias, head.bias; unexpected keys: extra.weight"),
 }
 
 
