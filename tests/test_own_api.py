@@ -96,7 +96,7 @@ def test_task_pools_from_folder_and_tensors(trained):
     b = api.build_task_pools(images.clone(), labels.clone(), settings=cfg.dataset, seed=4)
     assert a.table.equals(b.table) and not a.table.equals(pools.table)
     ids = a.table.instance_id.to_numpy()
-    assert (a.dataset.labels[ids].numpy() == a.table["class"].astype(int).to_numpy()).all()
+    assert (a.dataset.labels[torch.as_tensor(ids.copy())].numpy() == a.table["class"].astype(int).to_numpy()).all()
 
 
 def test_example_script_runs(tmp_path, shared_data):
