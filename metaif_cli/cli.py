@@ -23,16 +23,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("metaif_cli.score.command", "task- and instance-influence scores of a trained run"),
     "prune-and-retrain": ("metaif_cli.prune.command",
                           "remove the most harmful data, retrain or edit, compare methods; leave-one-out checks"),
+    "import": ("metaif_cli.importer.command", "a run directory from weights meta-trained elsewhere (state_dict)"),
 }
 
 
 def register_configs() -> None:
     """Register every command's root schema in Hydra's ConfigStore (tests compose all configs)."""
+    from metaif_cli.importer.command import SCHEMAS as IMPORT
     from metaif_cli.prune.command import SCHEMAS as PRUNE
     from metaif_cli.score.command import SCHEMAS as SCORE
     from metaif_cli.train.command import SCHEMAS as TRAIN
 
-    register_schemas({**TRAIN, **SCORE, **PRUNE})
+    register_schemas({**TRAIN, **SCORE, **PRUNE, **IMPORT})
 
 
 def usage() -> str:

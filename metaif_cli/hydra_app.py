@@ -96,7 +96,7 @@ def one_line(exc: BaseException) -> str:
         text += ": " + " ".join(str(cause).split()).split(" full_key:")[0]
     for key, hint in HINTS.items():
         if f"'{key}'" in text:
-            text += f" (did you mean {hint}? model= picks the network: mlp or cnn4)"
+            text += f" (did you mean {hint}? model= picks the network: mlp, cnn4 or custom)"
     return text
 
 
@@ -118,7 +118,6 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
     def guarded(cfg):
         global _TASK_CFG
         _TASK_CFG = cfg
-        fresh = _fresh_run_dir()
         try:
             with redirect_logging():  # log lines above the bars, never on a bar's line
                 return task_fn(cfg)
@@ -126,44 +125,23 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
             err = user_error(exc)
             if err is None:
                 raise
-            if fresh:
-                _remove_fresh_run_dir()  # a refused command leaves no run directory behind
             print(f"metaif {command}: error: {one_line(err)}", file=sys.stderr)
+            remove_if_only_hydra()
             sys.exit(2)
 
     hydra.main(version_base="1.3", config_path=command_conf_dir(config_name), config_name=config_name)(guarded)()
 
 
+SHARED_CONF = {"import": "train"}  # metaif import takes a run's settings: train's groups
+
+
 def command_conf_dir(config_name: str) -> str:
     """``conf/<config_name>/``: a command's root config and its own config groups."""
-    return str(Path(CONF_DIR) / config_name)
+    return str(Path(CONF_DIR) / SHARED_CONF.get(config_name, config_name))
 
 
 _TASK_CFG: DictConfig | None = None  # the config of the Hydra job running now
 HYDRA_SUBDIR = ".hydra"
-
-
-def _job_log() -> str:
-    from hydra.core.hydra_config import HydraConfig
-
-    return f"{HydraConfig.get().job.name}.log"
-
-
-def _fresh_run_dir() -> bool:
-    """True when the run directory holds nothing but the log Hydra just opened (a new run)."""
-    try:
-        out = output_dir()
-    except Exception:  # not under Hydra
-        return False
-    return out.is_dir() and not [p for p in out.iterdir() if p.name != _job_log()]
-
-
-def _remove_fresh_run_dir() -> None:
-    out = output_dir()
-    log_path = out / _job_log()
-    if log_path.is_file() and not [p for p in out.iterdir() if p != log_path]:
-        log_path.unlink()
-        out.rmdir()
 
 
 def save_hydra_config() -> None:
@@ -188,6 +166,24 @@ def save_hydra_config() -> None:
     write_text(OmegaConf.to_yaml(_TASK_CFG), folder / "config.yaml")
     write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})), folder / "hydra.yaml")
     write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task), folder / "overrides.yaml")
+
+
+def remove_if_only_hydra() -> None:
+    """After a refused command, delete its run directory when it holds nothing but Hydra's own files
+    (``.hydra/``, the job log), so a bad input leaves nothing behind."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # no Hydra context: nothing was created
+        return
+    if not run_dir.is_dir() or Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+        return
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        logging.shutdown()  # the job log is open
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def to_typed(cfg: DictConfig) -> object:

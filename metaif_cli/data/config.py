@@ -8,12 +8,13 @@ layer, the core receives them as plain objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from metaif_cli.checks import choice, fraction, integer, non_empty, positive
 from metaif_cli.errors import MetaifError
 
-DATASETS = ("digits", "omniglot", "mnist", "miniimagenet")
+DATASETS = ("digits", "omniglot", "mnist", "miniimagenet", "folder")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class DatasetConfig:
     image_size: Optional[int] = None
     rotations: bool = False
     download: bool = False
+    path: Optional[str] = None  # folder: the image folder (recorded absolute)
+    channels: Optional[int] = None  # folder: 1 grey, 3 RGB, null = the first image's
 
     def __post_init__(self) -> None:
         choice("dataset.name", self.name, DATASETS)
@@ -56,6 +59,8 @@ class DatasetConfig:
             positive("dataset.split_fractions", f)
         if self.image_size is not None:
             integer("dataset.image_size", self.image_size, minimum=1)
+        if self.path is not None:  # saved runs must find the folder from any working directory
+            self.path = str(Path(self.path).expanduser().resolve())
 
 
 @dataclass

@@ -77,6 +77,9 @@ def split_classes(dataset: ImageDataset, cfg: DatasetConfig, gen: torch.Generato
             if group_of is not None:
                 class_sets = {s: torch.nonzero(torch.isin(group_of, g)).flatten() for s, g in class_sets.items()}
         return {s: torch.nonzero(torch.isin(labels, c)).flatten() for s, c in class_sets.items()}
+    if dataset.splits is not None:
+        raise MetaifError(f"{dataset.name} fixes its class split (e.g. train/, val/, test/ folders), which "
+                          "dataset.split_by=instance would ignore; use dataset.split_by=class")
     parts: dict[str, list[Tensor]] = {s: [] for s in SPLITS}
     for c in range(dataset.num_classes):
         idx = torch.nonzero(labels == c).flatten()

@@ -16,7 +16,7 @@ from metaif_cli.errors import MetaifError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("digits", "omniglot", "mnist", "miniimagenet")
+DATASETS = ("digits", "omniglot", "mnist", "miniimagenet", "folder")
 
 
 def _resize(dataset: ImageDataset, image_size: int | None) -> ImageDataset:
@@ -38,6 +38,9 @@ def load_dataset(
     rotations: bool,
     download: bool,
     cache_dir: Path | None = None,
+    path: str | None = None,
+    channels: int | None = None,
+    min_per_class: int = 1,
 ) -> ImageDataset:
     """Load the dataset called ``name``.
 
@@ -49,6 +52,7 @@ def load_dataset(
         rotations: add rotated classes (Omniglot only).
         download: let torchvision fetch Omniglot or MNIST when absent.
         cache_dir: where processed Omniglot tensors are cached.
+        path, channels, min_per_class: ``folder`` only (:func:`metaif_cli.data.folder.load_folder`).
 
     Returns:
         The loaded dataset.
@@ -66,6 +70,12 @@ def load_dataset(
     if image_size is not None and image_size < 1:
         raise MetaifError(f"dataset.image_size must be positive, got {image_size}")
     root = Path(root).expanduser()
+    if name == "folder":
+        from metaif_cli.data.folder import load_folder
+
+        if not path:
+            raise MetaifError("dataset=folder needs dataset.path=<folder of class subfolders of images>")
+        return load_folder(Path(path), image_size=image_size, channels=channels, min_per_class=min_per_class)
     if name == "digits":
         from metaif_cli.data.digits import load_digits
 

@@ -1,13 +1,16 @@
-"""Typed configuration of the network (SPEC section 1): ``mlp`` or ``cnn4`` and their norms."""
+"""Typed configuration of the network (SPEC section 1): ``mlp`` or ``cnn4`` and their norms, or
+``custom``: the user's factory (:mod:`metaif_cli.models.custom`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 from metaif_cli.checks import choice, integer
 from metaif_cli.errors import MetaifError
 
-MODELS = ("mlp", "cnn4")
+MODELS = ("mlp", "cnn4", "custom")
 NORMS = ("batch", "group", "none")
 
 
@@ -21,6 +24,9 @@ class ModelConfig:
     norm: str = "none"
     groups: int = 4
     pool: str = "max"
+    factory: Optional[str] = None  # custom: "package.module:make_net" or "path/to/file.py:make_net"
+    kwargs: Any = None  # custom: dict of keyword arguments of the factory (Any: Hydra can set it whole)
+    head: str = "fc"  # custom: name of the final nn.Linear (adapted alone by ANIL)
 
     def __post_init__(self) -> None:
         choice("model.name", self.name, MODELS)
@@ -29,5 +35,10 @@ class ModelConfig:
         integer("model.hidden", self.hidden, minimum=1)
         integer("model.layers", self.layers, minimum=1)
         integer("model.groups", self.groups, minimum=1)
+        if self.kwargs is not None and not isinstance(self.kwargs, dict):
+            raise MetaifError(f"model.kwargs={self.kwargs!r} must be a mapping, e.g. 'model.kwargs={{ways: 5}}'")
+        where, _, attr = (self.factory or "").rpartition(":")
+        if where.endswith(".py"):  # saved runs must find the file from any working directory
+            self.factory = f"{Path(where).expanduser().resolve()}:{attr}"
         if self.norm == "group" and self.hidden % self.groups:
             raise MetaifError(f"model.groups={self.groups} must divide model.hidden={self.hidden}")

@@ -17,45 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metaif_cli.errors import MetaifError
 from metaif_cli.models.config import ModelConfig
+from metaif_cli.models.norms import BatchNormPrimitive, GroupNormPrimitive
 
 Params = dict[str, Tensor]
-
-
-class BatchNormPrimitive(nn.Module):
-    """Batch norm over (N, H, W) from mean and variance, safe under higher-order autodiff."""
-
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        dims = [0] + list(range(2, x.ndim))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
-        shape = [1, -1] + [1] * (x.ndim - 2)
-        return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
-
-
-class GroupNormPrimitive(nn.Module):
-    """Group norm from mean and variance per (sample, group), safe under higher-order autodiff."""
-
-    def __init__(self, groups: int, channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.groups, self.eps = groups, eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c = x.shape[:2]
-        g = x.reshape(n, self.groups, -1)  # [N, G, C/G * H * W]
-        mean = g.mean(dim=-1, keepdim=True)
-        var = ((g - mean) ** 2).mean(dim=-1, keepdim=True)
-        x = ((g - mean) / torch.sqrt(var + self.eps)).reshape(x.shape)
-        shape = [1, -1] + [1] * (x.ndim - 2)
-        return x * self.weight.view(shape) + self.bias.view(shape)
 
 
 def _norm(cfg: ModelConfig, channels: int) -> nn.Module:
@@ -102,7 +68,13 @@ class MetaModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], ways: int, seed: int) -> MetaModel:
-    """Build the network with parameters drawn from ``seed`` (float32, CPU)."""
+    """Build the network with parameters drawn from ``seed`` (float32, CPU); ``custom``: the user's factory."""
+    if cfg.name == "custom":
+        from metaif_cli.models.custom import build_custom
+
+        if not cfg.factory:
+            raise MetaifError("model=custom needs model.factory=package.module:make_net (and model.kwargs, model.head)")
+        return build_custom(cfg.factory, cfg.kwargs, cfg.head, image_shape, ways, seed)  # type: ignore[return-value]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         c, h, w = image_shape

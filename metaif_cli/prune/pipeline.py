@@ -144,7 +144,8 @@ def remove_protocol(ctx: Context) -> dict:
     rankings = gather_rankings(ctx, cfg.methods)
     n = len(ctx.units)
     plan = [(m, f, select(rankings[m], f, n)) for m in cfg.methods for f in cfg.fractions]
-    rows = [_row(ctx, "none", 0.0, [], _baseline_metrics(ctx), 0.0, _baseline_seconds(ctx))]
+    base = _baseline_metrics(ctx)
+    rows = [_row(ctx, "none", 0.0, [], base, 0.0, float(base["train_seconds"]) if cfg.update == "retrain" else 0.0)]
     extra: dict = {}
     if cfg.update == "retrain":
         jobs = [retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}") for m, f, units in plan]
@@ -181,16 +182,12 @@ def remove_protocol(ctx: Context) -> dict:
 
 def _baseline_metrics(ctx: Context) -> dict:
     if ctx.cfg.update == "retrain":
-        return load_json(ctx.run.run_dir / C.RESULTS_JSON, RERUN_TRAIN.format(run=ctx.run.run_dir),
-                         keys=("test_acc", "test_acc_ci95", "test_loss"))
+        results = load_json(ctx.run.run_dir / C.RESULTS_JSON, RERUN_TRAIN.format(run=ctx.run.run_dir),
+                            keys=("test_acc", "test_acc_ci95", "test_loss", "train_seconds"))
+        if results.get("imported_from"):  # trained elsewhere: retrain the full pool here, so every row shares one loop
+            return ctx.launch([retrain_job(ctx.run, [], ctx.retrain_root / "none-0")])[0]
+        return results
     return evaluate(ctx.run, ctx.run.lam)
-
-
-def _baseline_seconds(ctx: Context) -> float:
-    if ctx.cfg.update == "retrain":
-        return float(load_json(ctx.run.run_dir / C.RESULTS_JSON, RERUN_TRAIN.format(run=ctx.run.run_dir),
-                               keys=("train_seconds",))["train_seconds"])
-    return 0.0
 
 
 def _row(ctx: Context, method: str, fraction: float, units: list[Unit], metrics: dict, selection_seconds: float,

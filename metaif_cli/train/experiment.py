@@ -70,6 +70,9 @@ def build_experiment(cfg: TrainConfig, device: str | None = None, dtype: str | N
         rotations=cfg.dataset.rotations,
         download=cfg.dataset.download,
         cache_dir=Path(cfg.data.cache).expanduser(),
+        path=cfg.dataset.path,
+        channels=cfg.dataset.channels,
+        min_per_class=cfg.dataset.shots + cfg.dataset.queries,
     )
     pools = build_pools(dataset, cfg.dataset, cfg.corruption, cfg.seed)
     model = build_model(cfg.model, dataset.image_shape, cfg.dataset.ways, cfg.seed).to(device=dev, dtype=dt)
