@@ -59,6 +59,8 @@ class DatasetConfig:
             positive("dataset.split_fractions", f)
         if self.image_size is not None:
             integer("dataset.image_size", self.image_size, minimum=1)
+        if self.channels is not None and self.channels not in (1, 3):
+            raise MetaifError(f"dataset.channels={self.channels} is not valid; use 1 (grey), 3 (RGB) or null")
         if self.path is not None:  # saved runs must find the folder from any working directory
             self.path = str(Path(self.path).expanduser().resolve())
 
