@@ -287,7 +287,7 @@ def test_empty_slices_prune_fraction_removing_everything(trained, tmp_path):
 
 
 @pytest.mark.parametrize(("ref", "fragment"), [("task:20", "tasks 0..19"), ("task:-1", "tasks 0..19"),
-                                               ("query:0:4", "query position 4"), ("support:0:9", "support")])
+                                               ("query:0:20", "query position 20"), ("support:0:99", "support position 99")])
 def test_references_checked_late(trained, tmp_path, monkeypatch, ref, fragment):
     def fail(*a, **k):
         raise AssertionError("scoring started before the references were checked")
