@@ -43,6 +43,7 @@ class ScoreOutput:
     train_by_test: Tensor | None = None  # [n, T] task scores per evaluation task
     inner_residual: float | None = None  # implicit mode: worst inner solve / CG relative residual
     seconds: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # method-specific facts for score.json (library baselines)
 
 
 def hessian_index(n: int, cfg: InfluenceSettings) -> Tensor:

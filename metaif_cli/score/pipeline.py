@@ -78,7 +78,7 @@ def score(cfg: ScoreConfig, out_dir: Path) -> dict:
     else:
         i, k = 0, 1
     index = shard_slice(n, i, k) if k > 1 else None
-    out = run_method(run, cfg, index, rank if world > 1 else 0, world)
+    out = run_method(run, cfg, index, rank if world > 1 else 0, world, work_dir=out_dir if k == 1 else None)
     if world > 1:
         out.scores = _gather(out.scores, world)
         if rank != 0:
@@ -139,6 +139,8 @@ def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, ou
         "device": str(run.exp.device),
         "versions": {"metaif": metaif_cli.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
+    if out.info:
+        summary["method_info"] = out.info
     if out.solve is not None:
         summary["solver"] = {"method": out.solve.method, "iterations": out.solve.iterations,
                              "relative_residual": out.solve.residual, "converged": out.solve.converged,
