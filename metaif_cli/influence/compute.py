@@ -44,6 +44,7 @@ class ScoreOutput:
     inner_residual: float | None = None  # implicit mode: worst inner solve / CG relative residual
     reused_s: bool = False  # s was given (computed earlier with the same settings), not solved here
     seconds: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # method-specific facts for score.json (library baselines)
 
 
 def hessian_index(n: int, cfg: InfluenceSettings) -> Tensor:

@@ -14,9 +14,11 @@ For each task the inner problem is solved to ``inner_tol``; with ``H_in = grad2_
   ``m = H_in^{-1} T(q, r)`` (the third-order part, kept when ``support_third_order``).
   The score is ``-(w_k / (n |S|)) s^T D_lam P_j``.
 
-Every inner linear system is solved by CG to ``cg_tol``; the worst relative residual of
-those solves and of the inner problems (gradient norm of the proximal objective) is
-recorded in ``max_residual`` and reported in ``score.json``.
+Every inner linear system is solved by CG to ``cg_tol`` (``inner_solver="cg"``), or by a
+per-task EK-FAC approximation of ``H_in`` with ``eta`` added to its eigenvalues
+(``inner_solver="ekfac"``, :mod:`metaif_cli.influence.inner_ekfac`, paper section 5.1).
+The worst relative residual of the CG solves and of the inner problems (gradient norm of
+the proximal objective) is recorded in ``max_residual`` and reported in ``score.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp
 
+from metaif_cli.influence.inner_ekfac import ekfac_inner_solver
 from metaif_cli.influence.outer import instance_values, weighted_mean
 from metaif_cli.influence.problem import Problem, UnitScores
 from metaif_cli.influence.solvers import solve_cg
@@ -36,8 +39,10 @@ class ImplicitProblem(Problem):
     """iMAML's bilevel problem, task by task (CG with tolerances does not vmap)."""
 
     def __init__(self, *args, inner_tol: float = 1e-8, inner_max_iter: int = 500, cg_tol: float = 1e-8,
-                 cg_max_iter: int = 200, support_third_order: bool = True, **kwargs) -> None:
+                 cg_max_iter: int = 200, support_third_order: bool = True, inner_solver: str = "cg",
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.inner_solver = inner_solver
         self.inner_tol, self.inner_max_iter = inner_tol, inner_max_iter
         self.cg_tol, self.cg_max_iter = cg_tol, cg_max_iter
         self.third = support_third_order
@@ -75,6 +80,8 @@ class ImplicitProblem(Problem):
         return self._phi[(split, k)]
 
     def _solver(self, phi: Tensor, x_spt, y_spt, u):
+        if self.inner_solver == "ekfac":
+            return ekfac_inner_solver(self.learner.model, self.spec, phi, x_spt, y_spt, u, self.learner.cfg.eta)
         hin = inner_hvp(self.learner, self.spec.unflatten(phi), x_spt, y_spt, u)
 
         def solve(b: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 A :class:`Ranking` orders the units of one kind from most to least harmful (``rank`` 1 =
 most harmful, the convention of ``task_scores.csv``/``instance_scores.csv``, SPEC
 section 3). Scoring methods (``if``, ``random``, ``loss``, ``direct_if``, ``grad_sim``,
-``tracin``) run through :func:`metaif_cli.score.methods.run_method` with the ``score`` settings
+``tracin``, ``ekfac_if``, ``trak``) run through :func:`metaif_cli.score.methods.run_method` with the ``score`` settings
 of the prune config and the method overridden; the wall-clock time of that call is the
 method's ``selection_seconds``. Each ranking is cached in ``selection/<method>.csv`` with
 its settings in ``selection/<method>.json``, so a rerun does not score again.
@@ -30,7 +30,7 @@ from metaif_cli.score.run import LoadedRun, read_tasks_csv
 
 log = logging.getLogger(__name__)
 
-SCORING_METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin")
+SCORING_METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin", "ekfac_if", "trak")
 
 
 @dataclass

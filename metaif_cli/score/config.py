@@ -10,10 +10,11 @@ from typing import Optional
 from metaif_cli.checks import choice, in_range, integer
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import resolved_path
+from metaif_cli.influence.baseline_config import EkfacConfig, TrakConfig
 from metaif_cli.influence.config import EvaluationConfig, HessianConfig, SolverConfig
 
 UNITS = ("task", "instance", "all")
-METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin")
+METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin", "ekfac_if", "trak")
 
 
 @dataclass
@@ -32,6 +33,9 @@ class ScoreConfig:
     hessian: HessianConfig = field(default_factory=HessianConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    ekfac: EkfacConfig = field(default_factory=EkfacConfig)
+    trak: TrakConfig = field(default_factory=TrakConfig)
+    inner_solver: str = "cg"
     inner_tol: float = 1e-8
     inner_max_iter: int = 200
     chunk: int = 32
@@ -49,6 +53,7 @@ class ScoreConfig:
         choice("unit", self.unit, UNITS)
         choice("method", self.method, METHODS)
         choice("derivative", self.derivative, ("auto", "unrolled", "implicit"))
+        choice("inner_solver", self.inner_solver, ("cg", "ekfac"))
         integer("chunk", self.chunk, minimum=1)
         integer("seed", self.seed, minimum=0)
         integer("grid_size", self.grid_size, minimum=1)
@@ -93,6 +98,8 @@ def parse_unit_ref(text: str) -> tuple[str, int, str | None, int | None]:
 def settings_of(cfg: ScoreConfig) -> dict:
     """The settings that determine the scores (saved beside them and checked on reuse)."""
     ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk"}
+    # a library baseline's settings matter only to that method
+    ignore |= {key for key, method in (("ekfac", "ekfac_if"), ("trak", "trak")) if cfg.method != method}
     out = {k: v for k, v in asdict(cfg).items() if k not in ignore}
     out["run"] = resolved_path(cfg.run)  # a relative path or a trailing slash names the same run
     return out

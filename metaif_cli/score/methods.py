@@ -7,6 +7,7 @@ one method's scores or predicted parameter changes (SPEC sections 3-4).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ from metaif_cli.influence import compute
 from metaif_cli.influence.implicit import ImplicitProblem
 from metaif_cli.influence.problem import Problem, UnrolledProblem
 from metaif_cli.meta.params import FlatSpec
+from metaif_cli.score.baselines import LIBRARY_METHODS, run_library_baseline
 from metaif_cli.score.config import ScoreConfig
 from metaif_cli.score.run import LoadedRun, tracin_checkpoints
 
@@ -45,21 +47,25 @@ def build_problem(run: LoadedRun, cfg: ScoreConfig, direct: bool = False) -> Pro
     if derivative_mode(run, cfg) == "implicit":
         return ImplicitProblem(exp.learner, spec, train, test, inner_tol=cfg.inner_tol,
                                inner_max_iter=cfg.inner_max_iter, cg_tol=cfg.inner_tol,
-                               support_third_order=cfg.support_third_order, **kwargs)
+                               support_third_order=cfg.support_third_order, inner_solver=cfg.inner_solver,
+                               **kwargs)
     return UnrolledProblem(exp.learner, spec, train, test, **kwargs)
 
 
 def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = None, rank: int = 0,
-               world: int = 1, solved: compute.Solved | None = None,
+               world: int = 1, work_dir: Path | None = None, solved: compute.Solved | None = None,
                on_solved: Callable[[compute.Solved], None] | None = None) -> compute.ScoreOutput:
     """Compute the scores of ``cfg.method`` for the training tasks ``index`` (default all).
 
     ``rank``/``world``: this process under torchrun (Hessian products are summed over processes).
+    ``work_dir``: where ``ekfac_if`` keeps kronfluence's factors for reuse (the score directory).
     ``solved``/``on_solved``: a stored ``s`` to reuse, and where to store a new one
     (:func:`metaif_cli.influence.compute.influence`).
     """
     theta = FlatSpec.of(run.lam).flatten(run.lam)
     pool = run.exp.pools["train"]
+    if cfg.method in LIBRARY_METHODS:
+        return _select(run_library_baseline(run, cfg, work_dir), index)
     if cfg.method == "random":
         out = compute.random_baseline(len(pool), pool.spt_idx.shape[1], pool.qry_idx.shape[1], cfg.seed)
         return _select(out, index)
@@ -91,6 +97,9 @@ def _select(out: compute.ScoreOutput, index: torch.Tensor | None) -> compute.Sco
 
 def pred_delta_lam(run: LoadedRun, cfg: ScoreConfig, units: list[tuple[str, int, str | None, int | None]]) -> dict:
     """``(H + delta I)^{-1} d_{w_e} grad F`` for each requested unit, and for their sum (model editing)."""
+    if cfg.method in LIBRARY_METHODS:
+        raise MetaifError(f"method={cfg.method} predicts no parameter change; drop pred_delta_lam (or use "
+                          "update=retrain), or use method=if or direct_if")
     problem = build_problem(run, cfg, direct=cfg.method == "direct_if")
     theta = FlatSpec.of(run.lam).flatten(run.lam)
     curvature = compute.choose_damping(problem, theta, cfg)

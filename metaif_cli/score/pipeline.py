@@ -98,11 +98,13 @@ def score(cfg: ScoreConfig, out_dir: Path, before_write: Callable[[], None] | No
             before_write()
         out_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(out_dir)  # left by a killed earlier run
-        save_json(settings_of(cfg), out_dir / C.SCORE_SETTINGS_JSON)
     index = shard_slice(n, i, k) if k > 1 else None
     solved = load_solved(out_dir, cfg, run.lam) if world == 1 else None
     on_solved = (lambda new: save_solved(out_dir, cfg, run.lam, new)) if world == 1 else None
-    out = run_method(run, cfg, index, rank if world > 1 else 0, world, solved=solved, on_solved=on_solved)
+    out = run_method(run, cfg, index, rank if world > 1 else 0, world, work_dir=out_dir if k == 1 else None,
+                     solved=solved, on_solved=on_solved)
+    if rank == 0:  # saved with the first result, so a failed computation leaves no settings to refuse the next
+        save_json(settings_of(cfg), out_dir / C.SCORE_SETTINGS_JSON)
     if world > 1:
         out.scores = _gather(out.scores, world)
         if rank != 0:
@@ -165,6 +167,8 @@ def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, ou
         "device": str(run.exp.device),
         "versions": {"metaif": metaif_cli.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
+    if out.info:
+        summary["method_info"] = out.info
     if out.solve is not None:
         summary["solver"] = {"method": out.solve.method, "iterations": out.solve.iterations,
                              "relative_residual": out.solve.residual, "converged": out.solve.converged,

@@ -4,7 +4,7 @@ Every reference a command line makes into the training pool is checked against t
 loaded run: the shard count against the number of training tasks (no empty shard),
 ``pred_delta_lam`` references against the pool's tasks, support and query positions,
 ``evaluation.num_tasks`` against the meta-test pool, the intermediate checkpoints
-``method=tracin`` needs. Each failure is one line saying what to fix.
+``method=tracin`` and ``trak`` need, what the library baselines cannot do. Each failure is one line saying what to fix.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.score.config import ScoreConfig, parse_unit_ref
+from metaif_cli.score.baselines import LIBRARY_METHODS, trak_checkpoint_paths
 from metaif_cli.score.run import LoadedRun
 
 
@@ -40,6 +41,15 @@ def check_inputs(run: LoadedRun, cfg: ScoreConfig, shards: int, what: str = "sha
     if cfg.evaluation.num_tasks is not None and cfg.evaluation.num_tasks > n_test:
         raise MetaifError(f"evaluation.num_tasks={cfg.evaluation.num_tasks} exceeds the run's {n_test} meta-test "
                           f"tasks; use at most {n_test}, or null for all")
+    if cfg.method in LIBRARY_METHODS:
+        if cfg.evaluation.kind != "mean_loss":
+            raise MetaifError(f"method={cfg.method} scores against the mean query loss only; use "
+                              "evaluation.kind=mean_loss")
+        if cfg.pred_delta_lam:
+            raise MetaifError(f"method={cfg.method} predicts no parameter change; drop pred_delta_lam, or use "
+                              "method=if or direct_if")
+        if cfg.method == "trak":
+            trak_checkpoint_paths(run, cfg.trak.num_checkpoints)
     if cfg.method == "tracin" and not any((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
         raise MetaifError(f"method=tracin needs the intermediate checkpoints of the training run, and "
                           f"{run.run_dir / C.CHECKPOINT_DIR} holds none; retrain with optim.num_checkpoints > 0")
