@@ -406,3 +406,34 @@ def test_each_shard_recomputes_s(trained, tmp_path, monkeypatch):
     other = dataclasses.replace(cfg, hessian=dataclasses.replace(cfg.hessian, damping=0.5))
     score(dataclasses.replace(other, overwrite=True), tmp_path / "single")  # other settings: solved again
     assert len(calls) == 3
+
+
+def test_refused_command_writes_before_it_checks_score_failed_computation(trained, tmp_path, monkeypatch):
+    """A scoring that fails part-way leaves no score_settings.json to refuse the corrected command."""
+    out = tmp_path / "scores"
+
+    def fail(*a, **k):
+        raise MetaifError("the solver did not converge; raise solver.max_iter")
+
+    monkeypatch.setattr("metaif_cli.score.pipeline.run_method", fail)
+    _refused(score, _score_cfg(trained, method="random"), out, fragment="solver.max_iter")
+    assert not (out / C.SCORE_SETTINGS_JSON).exists()
+    monkeypatch.undo()
+    score(_score_cfg(trained, method="random", seed=3), out)  # corrected settings: accepted
+    assert json.loads((out / C.SCORE_SETTINGS_JSON).read_text())["seed"] == 3
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"method": "trak", "trak": {"num_checkpoints": 10}}, "trak.num_checkpoints=10"),
+    ({"method": "ekfac_if", "pred_delta_lam": ["task:0"]}, "pred_delta_lam"),
+    ({"method": "trak", "evaluation": {"kind": "per_task"}}, "evaluation.kind=mean_loss"),
+])
+def test_references_checked_late_library_baselines(trained, tmp_path, monkeypatch, change, fragment):
+    monkeypatch.setattr("metaif_cli.score.pipeline.run_method", lambda *a, **k: pytest.fail("scored"))
+    cfg = _score_cfg(trained)
+    for key, value in change.items():
+        if isinstance(value, dict):
+            value = dataclasses.replace(getattr(cfg, key), **value)
+        cfg = dataclasses.replace(cfg, **{key: value})
+    _refused(score, cfg, tmp_path / "s", fragment=fragment)
+    assert not (tmp_path / "s").exists()
