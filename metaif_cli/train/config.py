@@ -22,7 +22,11 @@ from metaif_cli.models.config import ModelConfig
 
 @dataclass
 class OptimConfig:
-    """The outer loop: meta-batches, the optimiser and checkpointing."""
+    """The outer loop: meta-batches, the optimiser and checkpointing.
+
+    ``batch_seed``: seed of the meta-batch order alone (null: the run's ``seed``), so that
+    batch-order noise can be measured with the pool and the initialisation held fixed.
+    """
 
     steps: int = 1000
     meta_batch_size: int = 16
@@ -32,6 +36,7 @@ class OptimConfig:
     eval_every: int = 100
     num_checkpoints: int = 5
     checkpoint_every: int = 100
+    batch_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         positive("optim.steps", self.steps)
@@ -65,3 +70,13 @@ class TrainConfig:
         choice("dtype", self.dtype, ("float32", "float64"))
         if self.threads is not None:
             positive("threads", self.threads)
+
+    @property
+    def batch_seed(self) -> int:
+        """Seed of the meta-batch order: ``optim.batch_seed``, else ``seed``."""
+        return self.seed if self.optim.batch_seed is None else self.optim.batch_seed
+
+    @property
+    def init_seed(self) -> int:
+        """Seed of the initialisation: ``model.init_seed``, else ``seed``."""
+        return self.seed if self.model.init_seed is None else self.model.init_seed

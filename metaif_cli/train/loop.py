@@ -123,7 +123,7 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     lam = {k: v.clone() for k, v in (init_lam or exp.initial_params()).items()}
     leaves = [t.requires_grad_(False) for t in lam.values()]
     opt = _make_optimizer(leaves, exp)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.batch_seed + 1)
     start, metrics, elapsed = 0, [], 0.0
     if last_path.exists():
         saved = torch.load(last_path, weights_only=False)
@@ -181,7 +181,9 @@ def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: 
                 "lam": {k: v.detach().cpu() for k, v in lam.items()}, "weights": weights.as_dict(),
                 "model_args": {"image_shape": list(exp.dataset.image_shape), "ways": exp.cfg.dataset.ways}},
                run_dir / C.MODEL_PT)
-    results = {**test, "train_seconds": elapsed, "steps": steps, "seed": exp.cfg.seed,
+    seeds = {k: v for k, v in (("batch_seed", exp.cfg.optim.batch_seed), ("init_seed", exp.cfg.model.init_seed))
+             if v is not None}  # only when set: default runs write what they always wrote
+    results = {**test, "train_seconds": elapsed, "steps": steps, "seed": exp.cfg.seed, **seeds,
                "device": str(exp.device), "dtype": str(exp.dtype).replace("torch.", ""),
                "versions": {"metaif": metaif_cli.__version__, "torch": torch.__version__,
                             "python": platform.python_version()}}
