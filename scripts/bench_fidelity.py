@@ -19,7 +19,7 @@ Runs ``metaif prune-and-retrain protocol=lds`` through the command line for ever
 1,000 steps) instead: about twice the cost per retraining.
 
 Measured CPU seconds of one retraining (one thread; ``--time-retraining``): digits 10,
-MNIST 17, Omniglot 7; 760 retrainings in all (50 x 3 + 2 per dataset and unit), about 2.3
+MNIST 17, Omniglot 8; 760 retrainings in all (50 x 3 + 2 per dataset and unit), about 2.3
 CPU hours, 1.2 hours of wall time with ``--n-jobs 2`` on an idle 2-core machine, plus
 scoring and the evaluation of ``f`` (an estimate, not a measurement: the benchmark was not
 run here).
