@@ -109,6 +109,7 @@ class LdsPlan:
     subsets: list[np.ndarray]
     variants: list[SeedVariant]
     root: Path
+    imported: bool = False  # trained elsewhere: the full pool's retraining 0 is retrained here too
 
     def removed(self, i: int) -> list[Unit]:
         return [self.units[j] for j in self.subsets[i]]
@@ -126,14 +127,15 @@ def plan_lds(ctx) -> LdsPlan:
     subsets = draw_subsets(len(ctx.units), cfg.lds.num_subsets, cfg.lds.fraction, cfg.seed)
     variants = seed_variants(run.train_cfg, cfg.lds.seeds, cfg.seed, cfg.lds.vary)
     probe = retrain_job(run, [], Path("."))
-    return LdsPlan(ctx.units, subsets, variants, retrain_root(cfg, run.run_dir, probe.config, ctx.out_dir))
+    imported = bool(load_json(run.run_dir / C.RESULTS_JSON).get("imported_from"))
+    return LdsPlan(ctx.units, subsets, variants, retrain_root(cfg, run.run_dir, probe.config, ctx.out_dir), imported)
 
 
 def lds_jobs(ctx, plan: LdsPlan) -> tuple[list[RetrainJob], list[tuple[int, int]]]:
     """Jobs grouped by seed (one experiment per config in each worker); keys ``(subset, seed)``, subset -1 = full."""
     jobs, keys = [], []
     for r, variant in enumerate(plan.variants):
-        if r > 0:  # retraining 0 of the full pool is the run itself
+        if r > 0 or plan.imported:  # retraining 0 of the full pool is the run itself (unless imported)
             jobs.append(with_seeds(retrain_job(ctx.run, [], plan.full_dir(r)), variant))
             keys.append((-1, r))
         for i in range(len(plan.subsets)):
@@ -168,7 +170,8 @@ def f_values(ctx, run_dir: Path | None) -> np.ndarray:
 
 def gather_targets(ctx, plan: LdsPlan) -> tuple[np.ndarray, np.ndarray]:
     """Targets per subset, seed and test task ``[M, R, T]`` and of the full pool per seed ``[R, T]``."""
-    full = [f_values(ctx, None)] + [f_values(ctx, plan.full_dir(r)) for r in range(1, len(plan.variants))]
+    first = f_values(ctx, plan.full_dir(0) if plan.imported else None)
+    full = [first] + [f_values(ctx, plan.full_dir(r)) for r in range(1, len(plan.variants))]
     subsets = [[f_values(ctx, plan.subset_dir(i, r)) for r in range(len(plan.variants))]
                for i in range(len(plan.subsets))]
     return np.asarray(subsets), np.asarray(full)
@@ -203,7 +206,7 @@ def lds_protocol(ctx, gather: Callable) -> dict:
     target_t = targets.mean(1)  # [M, T]
     ceiling = stats.noise_ceiling(target, cfg.seed)
     ceiling_t = stats.noise_ceiling(targets, cfg.seed) if per_task else None
-    f_full = full[0]  # [T]: the run itself
+    f_full = f_values(ctx, None) if plan.imported else full[0]  # [T]: f(lam*) of the scored model
     rows, preds, columns = [], {}, {}
     for method in methods:
         s = method_scores(ctx, method, gather)

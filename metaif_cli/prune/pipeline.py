@@ -141,7 +141,7 @@ def remove_protocol(ctx: Context) -> dict:
     rows = [_row(ctx, "none", 0.0, [], base, 0.0, float(base["train_seconds"]) if cfg.update == "retrain" else 0.0)]
     extra: dict = {}
     if cfg.update == "retrain" and cfg.retrain_seeds > 1:
-        rows, extra = _remove_over_seeds(ctx, plan, rankings)
+        rows, extra = _remove_over_seeds(ctx, plan, rankings, base)
     elif cfg.update == "retrain":
         jobs = [retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}") for m, f, units in plan]
         for (m, f, units), res in zip(plan, ctx.launch(jobs)):
@@ -176,13 +176,14 @@ def remove_protocol(ctx: Context) -> dict:
     return {**summary, "results": results[columns]}
 
 
-def _remove_over_seeds(ctx: Context, plan: list, rankings: dict[str, Ranking]) -> tuple[list[dict], dict]:
+def _remove_over_seeds(ctx: Context, plan: list, rankings: dict[str, Ranking], base: dict) -> tuple[list[dict], dict]:
     """``retrain_seeds=R``: every removal (and the unpruned model) retrained with R batch orders.
 
     ``test_acc`` and ``test_loss`` are means over the seeds, ``test_acc_ci95`` the Student-t
     half-width over them, ``test_acc_sd_seeds`` their standard deviation and
     ``retrain_seconds`` the sum; retraining 0 keeps the run's batch order (its directory is
-    today's ``<method>-<fraction>``), the unpruned model's retraining 0 is the run itself.
+    today's ``<method>-<fraction>``), the unpruned model's retraining 0 is ``base`` (the run itself,
+    or its retraining here when it was imported).
     """
     cfg, run = ctx.cfg, ctx.run
     variants = seed_variants(run.train_cfg, cfg.retrain_seeds, cfg.seed, "batch_order")
@@ -192,7 +193,7 @@ def _remove_over_seeds(ctx: Context, plan: list, rankings: dict[str, Ranking]) -
     results = ctx.launch(jobs)
     k = len(plan)
     per_plan = [[results[r * k + j] for r in range(len(variants))] for j in range(k)]
-    baseline = [load_json(run.run_dir / C.RESULTS_JSON)] + results[len(variants) * k:]
+    baseline = [base] + results[len(variants) * k:]
 
     def over_seeds(res: list[dict]) -> tuple[dict, float]:
         acc, acc_ci, acc_sd = mean_t_interval([r["test_acc"] for r in res])
