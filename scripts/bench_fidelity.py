@@ -16,7 +16,8 @@ Runs ``metaif prune-and-retrain protocol=lds`` through the command line for ever
   above chance; a 16-filter cnn4 took 147 s of training against 33 s for this MLP on the
   same loaded machine.)
 
-``--default-digits`` uses the digits run exactly as ``metaif train`` ships it (MLP 64x2,
+``--baselines`` adds ``ekfac_if`` and ``trak`` (issue 11; the ``baselines`` extra) to the
+same retrainings. ``--default-digits`` uses the digits run exactly as ``metaif train`` ships it (MLP 64x2,
 1,000 steps) instead: about twice the cost per retraining.
 
 Measured CPU seconds of one retraining (one thread; ``--time-retraining``): digits 10,
@@ -117,6 +118,8 @@ def lds_rows(dataset: str, unit: str, run: Path, out: Path, args) -> list[dict]:
     rows = []
     results_json = load_json(run / "results.json")
     for form, methods in VARIANTS:
+        if args.baselines and form == "exact":
+            methods = methods + ["ekfac_if", "trak"]
         lds_dir = out / dataset / f"lds-{unit}-{form}"
         metaif(["prune-and-retrain", f"run={run}", "protocol=lds", f"unit={unit}", f"methods=[{','.join(methods)}]",
                 f"lds.num_subsets={args.subsets}", f"lds.seeds={args.seeds}", f"lds.fraction={args.fraction}",
@@ -195,6 +198,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--launcher", default="joblib")
     parser.add_argument("--n-jobs", type=int, default=2)
+    parser.add_argument("--baselines", action="store_true", help="also ekfac_if and trak (kronfluence, traker)")
     parser.add_argument("--default-digits", action="store_true", help="digits as metaif train ships it")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny digits run, 3 subsets x 2 seeds, "
                         "task units")

@@ -18,8 +18,8 @@
    one target per meta-test task.
 4. Prediction of a method: ``f(lam*) + sum over the removed units of its score column``
    (scored once on the original run, never on a retraining). For the influence methods
-   (``if``, ``direct_if``, ``grad_sim``, ``tracin``) the column is ``pred_delta_test_loss``, a
-   predicted loss change; ``loss`` (``neg_loss_after_adaptation``) and ``random``
+   (``if``, ``direct_if``, ``grad_sim``, ``tracin``, ``ekfac_if``, ``trak``) the column is
+   ``pred_delta_test_loss``, a predicted loss change (``trak``'s on its own scale); ``loss`` (``neg_loss_after_adaptation``) and ``random``
    (``random_score``) are not loss changes but share the orientation "negative = harmful-
    looking", so removing harmful-looking units predicts a lower loss. Only the order of the
    predictions across subsets enters the LDS. Per test task (``per_task``, task units),
@@ -49,6 +49,7 @@ from metaif_cli.io import load_json, save_csv, save_json
 from metaif_cli.prune.launch import IGNORED_KEYS, RetrainJob
 from metaif_cli.prune.loo import load_lam
 from metaif_cli.prune.lds_predictions import method_scores, predictions
+from metaif_cli.prune.scores import SCORING_METHODS
 from metaif_cli.prune.seeds import SeedVariant, seed_variants, with_seeds
 from metaif_cli.prune.units import Unit
 from metaif_cli.prune.update import retrain_job
@@ -56,12 +57,13 @@ from metaif_cli.reports import lds as stats
 
 log = logging.getLogger(__name__)
 
-LDS_METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin")
+LDS_METHODS = SCORING_METHODS  # every scoring method (oracle and retrain predict no loss change)
 RESULT_COLUMNS = ["method", "unit", "lds", "lds_ci_low", "lds_ci_high", "ceiling", "lds_over_ceiling",
                   "num_subsets", "seeds", "fraction", "scoring_seconds"]
 PER_TASK_COLUMNS = ["lds_per_task", "lds_per_task_ci_low", "lds_per_task_ci_high", "ceiling_per_task"]
 ORIENTATION = ("prediction = f(lam*) + sum over the removed units of the method's score column; "
-               "pred_delta_test_loss (if, direct_if, grad_sim, tracin) is a predicted loss change; "
+               "pred_delta_test_loss (if, direct_if, grad_sim, tracin, ekfac_if, trak) is a predicted loss change "
+               "(trak's on its own scale); "
                "neg_loss_after_adaptation (loss) and random_score (random) are not, but share its orientation "
                "(negative = harmful-looking), so removing harmful-looking units predicts a lower loss; "
                "only the order of the predictions across subsets enters the LDS")
