@@ -39,6 +39,10 @@ RETRAIN_DIR = "retrains"
 SELECTION_DIR = "selection"
 PRUNE_CONFIG_JSON = "prune_config.json"
 PRUNE_SUMMARY_JSON = "prune_summary.json"
+LDS_RESULTS_CSV = "lds_results.csv"
+LDS_SUBSETS_CSV = "lds_subsets.csv"
+LDS_SUMMARY_JSON = "lds_summary.json"
+LDS_SCATTER_PNG = "lds_scatter.png"
 
 # the sign convention, stated in every score column name (SPEC section 3)
 SCORE_COLUMN = "pred_delta_test_loss"

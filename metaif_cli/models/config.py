@@ -16,7 +16,10 @@ NORMS = ("batch", "group", "none")
 
 @dataclass
 class ModelConfig:
-    """The network: ``mlp`` or ``cnn4`` (parameters named ``body.*`` and ``head.*``)."""
+    """The network: ``mlp``, ``cnn4`` (parameters named ``body.*`` and ``head.*``) or ``custom``.
+
+    ``init_seed``: seed of the initialisation alone (null: the run's ``seed``).
+    """
 
     name: str = "mlp"
     hidden: int = 64
@@ -27,6 +30,7 @@ class ModelConfig:
     factory: Optional[str] = None  # custom: "package.module:make_net" or "path/to/file.py:make_net"
     kwargs: Any = None  # custom: dict of keyword arguments of the factory (Any: Hydra can set it whole)
     head: str = "fc"  # custom: name of the final nn.Linear (adapted alone by ANIL)
+    init_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         choice("model.name", self.name, MODELS)
@@ -35,6 +39,8 @@ class ModelConfig:
         integer("model.hidden", self.hidden, minimum=1)
         integer("model.layers", self.layers, minimum=1)
         integer("model.groups", self.groups, minimum=1)
+        if self.init_seed is not None:
+            integer("model.init_seed", self.init_seed, minimum=0)
         if self.kwargs is not None and not isinstance(self.kwargs, dict):
             raise MetaifError(f"model.kwargs={self.kwargs!r} must be a mapping, e.g. 'model.kwargs={{ways: 5}}'")
         where, _, attr = (self.factory or "").rpartition(":")

@@ -1,4 +1,4 @@
-"""Typed configuration of ``metaif prune-and-retrain`` (SPEC sections 5-6)."""
+"""Typed configuration of ``metaif prune-and-retrain`` (SPEC sections 5-6; ``lds.*``: SPEC section 5, LDS)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,44 @@ from typing import Optional
 from metaif_cli.checks import choice, in_range, integer, non_empty, positive
 from metaif_cli.errors import MetaifError
 from metaif_cli.score.config import METHODS, ScoreConfig
+
+
+LDS_VARY = ("batch_order", "init", "both")
+
+
+@dataclass
+class LdsConfig:
+    """``protocol=lds``: the linear datamodeling score (SPEC section 5; :mod:`metaif_cli.prune.lds`).
+
+    ``num_subsets`` random subsets (M) each keep a ``fraction`` (alpha) of the units; each is
+    retrained ``seeds`` times (R), varying the meta-batch order, the initialisation or both
+    (``vary``); the first retraining keeps the run's own. ``bootstrap``: resamples of the
+    subsets for the 95% interval. ``retrain_dir``: where the retrainings live (null:
+    ``lds-retrains/`` beside the output directory, shared by every method and rerun).
+    """
+
+    num_subsets: int = 50
+    fraction: float = 0.5
+    seeds: int = 3
+    vary: str = "batch_order"
+    bootstrap: int = 1000
+    retrain_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:  # also refuses NaN
+            raise MetaifError(f"lds.fraction={self.fraction} is not valid; it is the fraction of units each subset "
+                              "keeps and must lie strictly between 0 and 1, e.g. lds.fraction=0.5")
+        if not self.seeds >= 1:
+            raise MetaifError(f"lds.seeds={self.seeds} is not valid; retrain each subset at least once (lds.seeds=3 "
+                              "gives a noise ceiling)")
+        if not self.num_subsets >= 3:
+            raise MetaifError(f"lds.num_subsets={self.num_subsets} is not valid; a rank correlation across subsets "
+                              "needs at least 3 (50 is the default)")
+        if not self.bootstrap >= 1:
+            raise MetaifError(f"lds.bootstrap={self.bootstrap} is not valid; it must be >= 1 (default 1000)")
+        choice("lds.vary", self.vary, LDS_VARY)
+        for key in ("seeds", "num_subsets", "bootstrap"):
+            integer(f"lds.{key}", getattr(self, key))
 
 
 @dataclass
@@ -28,6 +66,8 @@ class PruneConfig:
     num_units: int = 20
     loo_modes: list[str] = field(default_factory=lambda: ["cold", "warm"])
     warm_steps: int = 200
+    retrain_seeds: int = 1
+    lds: LdsConfig = field(default_factory=LdsConfig)
     launcher: str = "sequential"
     n_jobs: int = 2
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -35,7 +75,7 @@ class PruneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        choice("protocol", self.protocol, ("remove", "loo"))
+        choice("protocol", self.protocol, ("remove", "loo", "lds"))
         choice("unit", self.unit, ("task", "support", "query"))
         choice("update", self.update, ("retrain", "edit", "grad_ascent"))
         choice("launcher", self.launcher, ("sequential", "joblib", "submitit"))
@@ -60,3 +100,7 @@ class PruneConfig:
             raise MetaifError("scores= is empty; pass scores=<a metaif score directory> or leave it out")
         if len(set(self.methods)) != len(self.methods):
             raise MetaifError(f"methods={self.methods} names a method twice; list each once")
+        integer("retrain_seeds", self.retrain_seeds, minimum=1)
+        if self.retrain_seeds > 1 and self.update != "retrain" and self.protocol == "remove":
+            raise MetaifError(f"retrain_seeds={self.retrain_seeds} applies to update=retrain only; "
+                              f"update={self.update} does not retrain")

@@ -33,6 +33,7 @@ from metaif_cli.io import load_torch
 from metaif_cli.meta.params import FlatSpec, Params
 from metaif_cli.reports.agreement import vector_agreement
 from metaif_cli.prune.launch import RetrainJob
+from metaif_cli.prune.seeds import SeedVariant, with_seeds
 from metaif_cli.prune.units import Unit
 from metaif_cli.prune.update import IFEditor, retrain_job
 from metaif_cli.score.config import ScoreConfig
@@ -65,8 +66,15 @@ class EvalFunction:
         self.device, self.dtype = run.exp.device, run.exp.dtype
 
     def __call__(self, lam: Params) -> float:
+        return float(self._values(lam).mean())
+
+    def values(self, lam: Params) -> np.ndarray:
+        """``f`` on each evaluation task ``[T]`` (float64)."""
+        return self._values(lam).detach().double().cpu().numpy()
+
+    def _values(self, lam: Params) -> torch.Tensor:
         theta = self.spec.flatten({k: v.to(self.device, self.dtype) for k, v in lam.items()})
-        return float(self.problem.eval_grad(theta)[0].mean())
+        return self.problem.eval_grad(theta)[0]
 
 
 def load_lam(run_dir: Path) -> Params:
@@ -87,24 +95,41 @@ class LooRetrains:
 
 
 def run_loo(run: LoadedRun, cfg: ScoreConfig, units: list[Unit], mode: str, root: Path, warm_steps: int,
-            launch: Launch, f: EvalFunction | None = None, progress: bool = False) -> LooRetrains:
-    """Retrain without each unit (``cold`` or ``warm``) and measure the changes against the baseline."""
+            launch: Launch, f: EvalFunction | None = None, progress: bool = False,
+            variants: list[SeedVariant] | None = None) -> LooRetrains:
+    """Retrain without each unit (``cold`` or ``warm``) and measure the changes against the baseline.
+
+    ``variants`` (``retrain_seeds``): repeat every retraining and its baseline with these batch
+    orders and average: ``delta_f`` is the mean over seeds of ``f`` without the unit minus the
+    mean with it, ``delta_lam`` the mean of the per-seed differences. Variant 0 (the default
+    and only one) is the run's own; its cold baseline is ``lam*`` itself.
+    """
     f = f or EvalFunction(run, cfg)
     spec = FlatSpec.of(run.lam)
     warm = mode == "warm"
+    variants = variants or [SeedVariant(0)]
     init, steps = (run.lam, warm_steps) if warm else (None, None)
-    jobs = [retrain_job(run, [u], loo_dir(root, mode, u, warm_steps), init, steps, progress) for u in units]
-    if warm:
-        jobs.append(retrain_job(run, [], loo_dir(root, mode, None, warm_steps), init, steps, progress))
+
+    def where(unit: Unit | None, v: SeedVariant) -> Path:
+        base = loo_dir(root, mode, unit, warm_steps)
+        return base.with_name(base.name + v.suffix)
+
+    jobs = [with_seeds(retrain_job(run, [u], where(u, v), init, steps, progress), v) for v in variants for u in units]
+    jobs += [with_seeds(retrain_job(run, [], where(None, v), init, steps, progress), v) for v in variants
+             if warm or v.index > 0]
     results = launch(jobs)
-    base_dir = loo_dir(root, mode, None, warm_steps) if warm else None
-    base_lam = load_lam(base_dir) if base_dir is not None else {k: v.detach().cpu() for k, v in run.lam.items()}
-    base_flat, base_f = spec.flatten(base_lam).double(), f(base_lam)
+    base_f, base_flat = [], []
+    for v in variants:
+        lam = (load_lam(where(None, v)) if warm or v.index > 0
+               else {k: t.detach().cpu() for k, t in run.lam.items()})
+        base_f.append(f(lam))
+        base_flat.append(spec.flatten(lam).double())
     delta_f, delta_lam = [], []
     for u in units:
-        lam = load_lam(loo_dir(root, mode, u, warm_steps))
-        delta_f.append(f(lam) - base_f)
-        delta_lam.append((spec.flatten(lam).double() - base_flat).numpy())
+        lams = [load_lam(where(u, v)) for v in variants]
+        delta_f.append(float(np.mean([f(lam) for lam in lams]) - np.mean(base_f)))
+        delta_lam.append(torch.stack([spec.flatten(lam).double() - b for lam, b in zip(lams, base_flat)])
+                         .mean(0).numpy())
     seconds = float(sum(r["train_seconds"] for r in results))
     return LooRetrains(mode, units, np.array(delta_f), np.stack(delta_lam) if delta_lam else np.zeros((0, 0)), seconds)
 

@@ -22,15 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from metaif_cli import constants as C
 from metaif_cli.io import clean_stale_temporaries, load_json, save_json
 from metaif_cli.prune import report
 from metaif_cli.prune.launch import launch
+from metaif_cli.prune.lds import lds_protocol
 from metaif_cli.prune.loo import EvalFunction, LooRetrains, loo_table, run_loo, sample_units
 from metaif_cli.prune.scores import (Ranking, compute_ranking, load_ranking, read_scores_dir, save_ranking,
                                      score_config_for)
+from metaif_cli.prune.seeds import mean_t_interval, seed_variants, with_seeds
 from metaif_cli.prune.select import oracle_ranking, removed_corrupted_fraction, retrain_ranking, select
 from metaif_cli.prune.units import Unit, all_units, corrupted_flags
 from metaif_cli.prune.update import IFEditor, evaluate, grad_ascent, retrain_job
@@ -88,6 +91,8 @@ def prune_and_retrain(cfg: PruneConfig, out_dir: Path, before_write: Callable[[]
     clean_stale_temporaries(out_dir)  # left by a killed earlier run (retrainings included)
     save_json(dataclasses.asdict(cfg), out_dir / C.PRUNE_CONFIG_JSON)
     ctx = Context(cfg, out_dir, run, corrupted_flags(tasks_csv, cfg.unit), units, given)
+    if cfg.protocol == "lds":
+        return lds_protocol(ctx, gather_rankings)
     return loo_protocol(ctx) if cfg.protocol == "loo" else remove_protocol(ctx)
 
 
@@ -147,7 +152,9 @@ def remove_protocol(ctx: Context) -> dict:
     base = _baseline_metrics(ctx)
     rows = [_row(ctx, "none", 0.0, [], base, 0.0, float(base["train_seconds"]) if cfg.update == "retrain" else 0.0)]
     extra: dict = {}
-    if cfg.update == "retrain":
+    if cfg.update == "retrain" and cfg.retrain_seeds > 1:
+        rows, extra = _remove_over_seeds(ctx, plan, rankings, base)
+    elif cfg.update == "retrain":
         jobs = [retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}") for m, f, units in plan]
         for (m, f, units), res in zip(plan, ctx.launch(jobs)):
             rows.append(_row(ctx, m, f, units, res, rankings[m].seconds, float(res["train_seconds"])))
@@ -176,8 +183,48 @@ def remove_protocol(ctx: Context) -> dict:
                             for m, r in rankings.items()},
                "outputs": paths, **extra}
     save_json(summary, ctx.out_dir / C.PRUNE_SUMMARY_JSON)
-    log.info("test accuracy by method and fraction removed:\n%s", report.compact(results[report.PRUNE_COLUMNS]))
-    return {**summary, "results": results[report.PRUNE_COLUMNS]}
+    columns = report.PRUNE_COLUMNS + [c for c in report.SEED_COLUMNS if c in results]
+    log.info("test accuracy by method and fraction removed:\n%s", report.compact(results[columns]))
+    return {**summary, "results": results[columns]}
+
+
+def _remove_over_seeds(ctx: Context, plan: list, rankings: dict[str, Ranking], base: dict) -> tuple[list[dict], dict]:
+    """``retrain_seeds=R``: every removal (and the unpruned model) retrained with R batch orders.
+
+    ``test_acc`` and ``test_loss`` are means over the seeds, ``test_acc_ci95`` the Student-t
+    half-width over them, ``test_acc_sd_seeds`` their standard deviation and
+    ``retrain_seconds`` the sum; retraining 0 keeps the run's batch order (its directory is
+    today's ``<method>-<fraction>``), the unpruned model's retraining 0 is ``base`` (the run itself,
+    or its retraining here when it was imported).
+    """
+    cfg, run = ctx.cfg, ctx.run
+    variants = seed_variants(run.train_cfg, cfg.retrain_seeds, cfg.seed, "batch_order")
+    jobs = [with_seeds(retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}{v.suffix}"), v)
+            for v in variants for m, f, units in plan]
+    jobs += [with_seeds(retrain_job(run, [], ctx.retrain_root / f"none{v.suffix}"), v) for v in variants[1:]]
+    results = ctx.launch(jobs)
+    k = len(plan)
+    per_plan = [[results[r * k + j] for r in range(len(variants))] for j in range(k)]
+    baseline = [base] + results[len(variants) * k:]
+
+    def over_seeds(res: list[dict]) -> tuple[dict, float]:
+        acc, acc_ci, acc_sd = mean_t_interval([r["test_acc"] for r in res])
+        metrics = {"test_acc": acc, "test_acc_ci95": acc_ci, "test_loss": float(np.mean([r["test_loss"] for r in res])),
+                   "test_acc_sd_seeds": acc_sd}
+        return metrics, float(sum(r["train_seconds"] for r in res))
+
+    base_metrics, base_seconds = over_seeds(baseline)
+    rows = [{**_row(ctx, "none", 0.0, [], base_metrics, 0.0, base_seconds), "retrain_seeds": len(variants),
+             "test_acc_sd_seeds": base_metrics["test_acc_sd_seeds"]}]
+    for (m, f, units), res in zip(plan, per_plan):
+        metrics, seconds = over_seeds(res)
+        rows.append({**_row(ctx, m, f, units, metrics, rankings[m].seconds, seconds), "retrain_seeds": len(variants),
+                     "test_acc_sd_seeds": metrics["test_acc_sd_seeds"]})
+    extra = {"retrain_seeds": len(variants), "seed_variants": [v.as_dict() for v in variants],
+             "unpruned_test_acc_sd_seeds": base_metrics["test_acc_sd_seeds"]}
+    log.info("unpruned model over %d batch orders: test accuracy %.4f, sd %.4f", len(variants),
+             base_metrics["test_acc"], base_metrics["test_acc_sd_seeds"])
+    return rows, extra
 
 
 def _baseline_metrics(ctx: Context) -> dict:
@@ -212,16 +259,19 @@ def loo_protocol(ctx: Context) -> dict:
     ranking = gather_rankings(ctx, ["if"])["if"]
     pred = ranking.table.set_index("unit_id")["score"]
     editor = IFEditor(ctx.run, cfg.score)
+    variants = seed_variants(ctx.run.train_cfg, cfg.retrain_seeds, cfg.seed, "batch_order")
     tables, seconds = [], {}
     for mode in cfg.loo_modes:
         retrains: LooRetrains = run_loo(ctx.run, cfg.score, units, mode, ctx.retrain_root, cfg.warm_steps,
-                                        ctx.launch, ctx.f)
+                                        ctx.launch, ctx.f, variants=variants)
         tables.append(loo_table(retrains, pred, editor))
         seconds[mode] = retrains.seconds
     table = pd.concat(tables, ignore_index=True)
     extra = {"run": str(ctx.run.run_dir), "protocol": "loo", "unit": cfg.unit, "num_units": len(units),
              "seed": cfg.seed, "warm_steps": cfg.warm_steps, "retrain_seconds": seconds,
              "if_seconds": ranking.seconds, "damping": editor.curvature.damping}
+    if cfg.retrain_seeds > 1:
+        extra.update(retrain_seeds=cfg.retrain_seeds, seed_variants=[v.as_dict() for v in variants])
     summary = report.write_loo_outputs(ctx.out_dir, table, extra)
     for mode, s in summary["modes"].items():
         log.info("leave-one-out (%s, %d units): Pearson %.3f, Spearman %.3f, sign agreement %.2f, cos(delta_lam) "

@@ -57,7 +57,7 @@ def check_units(cfg: PruneConfig, units: list[Unit]) -> None:
 def check_prune(cfg: PruneConfig, run: LoadedRun, units: list[Unit], out_dir: Path) -> None:
     """All of the above, plus the scoring settings against the run (as ``metaif score`` checks them)."""
     check_units(cfg, units)
-    scoring = [m for m in (cfg.methods if cfg.protocol == "remove" else ["if"]) if m not in ("oracle", "retrain")]
+    scoring = [m for m in (["if"] if cfg.protocol == "loo" else cfg.methods) if m not in ("oracle", "retrain")]
     for method in scoring:
         check_inputs(run, dataclasses.replace(cfg.score, method=method, pred_delta_lam=[]), 1)
     check_out_dir(out_dir, cfg)

@@ -32,6 +32,7 @@ from metaif_cli.reports.agreement import correlation_summary
 PRUNE_COLUMNS = ["method", "unit", "fraction", "update", "seed", "test_acc", "test_acc_ci95", "test_loss",
                  "selection_seconds", "retrain_seconds", "removed_corrupted_fraction", "num_removed",
                  "num_removed_corrupted", "train_seed"]
+SEED_COLUMNS = ["retrain_seeds", "test_acc_sd_seeds"]  # with retrain_seeds > 1 only
 LOO_COLUMNS = ["unit_id", "unit", "pred_delta_test_loss", "actual_delta_test_loss", "retrain", "cos_delta_lam",
                "norm_ratio_delta_lam"]
 MAIN_COLUMNS = ["method", "fraction", "test_acc", "test_acc_ci95", "selection_seconds"]
@@ -73,7 +74,7 @@ def write_prune_outputs(out_dir: Path, results: pd.DataFrame, title: str) -> dic
     """``prune_results.csv``, the accuracy plot and the main table (CSV and Markdown)."""
     from metaif_cli.reports.prune_plots import plot_accuracy_vs_fraction
 
-    results = results[PRUNE_COLUMNS]
+    results = results[PRUNE_COLUMNS + [c for c in SEED_COLUMNS if c in results]]
     save_csv(results, out_dir / C.PRUNE_RESULTS_CSV)
     table = main_table(results)
     save_csv(table, out_dir / C.MAIN_TABLE_CSV)

@@ -23,7 +23,11 @@ from metaif_cli.train.loggers import LoggerConfig
 
 @dataclass
 class OptimConfig:
-    """The outer loop: meta-batches, the optimiser and checkpointing."""
+    """The outer loop: meta-batches, the optimiser and checkpointing.
+
+    ``batch_seed``: seed of the meta-batch order alone (null: the run's ``seed``), so that
+    batch-order noise can be measured with the pool and the initialisation held fixed.
+    """
 
     steps: int = 1000
     meta_batch_size: int = 16
@@ -33,11 +37,14 @@ class OptimConfig:
     eval_every: int = 100
     num_checkpoints: int = 5
     checkpoint_every: int = 100
+    batch_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         for key in ("steps", "meta_batch_size", "eval_every", "checkpoint_every"):
             integer(f"optim.{key}", getattr(self, key), minimum=1)
         integer("optim.num_checkpoints", self.num_checkpoints, minimum=0)
+        if self.batch_seed is not None:
+            integer("optim.batch_seed", self.batch_seed, minimum=0)
         positive("optim.lr", self.lr)
         positive("optim.delta_reg", self.delta_reg, allow_zero=True)
         choice("optim.optimizer", self.optimizer, ("adam", "sgd"))
@@ -69,3 +76,13 @@ class TrainConfig:
         at_most("optim.meta_batch_size", self.optim.meta_batch_size, self.dataset.num_train_tasks,
                 "the training pool (dataset.num_train_tasks)",
                 "lower optim.meta_batch_size or raise dataset.num_train_tasks")
+
+    @property
+    def batch_seed(self) -> int:
+        """Seed of the meta-batch order: ``optim.batch_seed``, else ``seed``."""
+        return self.seed if self.optim.batch_seed is None else self.optim.batch_seed
+
+    @property
+    def init_seed(self) -> int:
+        """Seed of the initialisation: ``model.init_seed``, else ``seed``."""
+        return self.seed if self.model.init_seed is None else self.model.init_seed

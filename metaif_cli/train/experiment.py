@@ -75,7 +75,7 @@ def build_experiment(cfg: TrainConfig, device: str | None = None, dtype: str | N
         min_per_class=cfg.dataset.shots + cfg.dataset.queries,
     )
     pools = build_pools(dataset, cfg.dataset, cfg.corruption, cfg.seed)
-    model = build_model(cfg.model, dataset.image_shape, cfg.dataset.ways, cfg.seed).to(device=dev, dtype=dt)
+    model = build_model(cfg.model, dataset.image_shape, cfg.dataset.ways, cfg.init_seed).to(device=dev, dtype=dt)
     log.info("dataset %s: %d images, %d classes; model %s with %d parameters", dataset.name,
              len(dataset.labels), dataset.num_classes, cfg.model.name, sum(p.numel() for p in model.parameters()))
     images = dataset.images.to(device=dev, dtype=dt)
@@ -83,8 +83,17 @@ def build_experiment(cfg: TrainConfig, device: str | None = None, dtype: str | N
 
 
 def config_dict(cfg: TrainConfig) -> dict:
-    """The config as plain data, for checkpoints and JSON."""
-    return asdict(cfg)
+    """The config as plain data, for checkpoints and JSON.
+
+    ``optim.batch_seed`` and ``model.init_seed`` are left out while null (their default,
+    "use ``seed``"), so a run's saved config, checkpoints and retrainings are byte-identical
+    to those written before the two settings existed, and compare equal to them.
+    """
+    out = asdict(cfg)
+    for part, key in (("optim", "batch_seed"), ("model", "init_seed")):
+        if out[part][key] is None:
+            del out[part][key]
+    return out
 
 
 def config_from_dict(data: dict) -> TrainConfig:

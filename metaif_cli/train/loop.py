@@ -179,7 +179,7 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     lam = {k: v.clone() for k, v in (init_lam or exp.initial_params()).items()}
     leaves = [t.requires_grad_(False) for t in lam.values()]
     opt = _make_optimizer(leaves, exp)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.batch_seed + 1)
     start, metrics, elapsed = 0, [], 0.0
     saved = _resume_state(run_dir, exp, weights, setup)
     if saved is not None:
@@ -245,7 +245,9 @@ def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: 
                run_dir / C.MODEL_PT)
     last_val = next((r for r in reversed(metrics) if "val_acc" in r), {})  # evaluated at the final step
     val = {k: float(last_val[k]) for k in ("val_acc", "val_loss") if k in last_val}
-    results = {**test, **val, "train_seconds": elapsed, "steps": steps, "seed": exp.cfg.seed,
+    seeds = {k: v for k, v in (("batch_seed", exp.cfg.optim.batch_seed), ("init_seed", exp.cfg.model.init_seed))
+             if v is not None}  # only when set: default runs write what they always wrote
+    results = {**test, **val, "train_seconds": elapsed, "steps": steps, "seed": exp.cfg.seed, **seeds,
                "device": str(exp.device), "dtype": str(exp.dtype).replace("torch.", ""),
                "versions": {"metaif": metaif_cli.__version__, "torch": torch.__version__,
                             "python": platform.python_version()}}
