@@ -19,6 +19,7 @@ from metaif_cli.meta.params import FlatSpec
 from metaif_cli.score.baselines import LIBRARY_METHODS, run_library_baseline
 from metaif_cli.score.config import ScoreConfig
 from metaif_cli.score.run import LoadedRun, tracin_checkpoints
+from metaif_cli.score.trajectory import score_trajectory
 
 
 def derivative_mode(run: LoadedRun, cfg: ScoreConfig) -> str:
@@ -73,6 +74,8 @@ def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = No
 
     if cfg.method == "tracin":
         return compute.tracin(make, tracin_checkpoints(run), index)
+    if cfg.method == "trajectory":
+        return _select(score_trajectory(run, cfg, make()), index)
     problem = make(direct=cfg.method == "direct_if")
     if cfg.method == "loss":
         return _select(compute.loss_baseline(problem, theta), index)
