@@ -102,7 +102,8 @@ def _cfg(meta: str = "maml", optimizer: str = "adam", first_order: bool = False,
         dataset=DatasetConfig(name="digits", ways=3, shots=1, queries=2, num_train_tasks=n, num_val_tasks=2,
                               num_test_tasks=4, split_by="instance", split_fractions=[0.6, 0.1, 0.3]),
         model=ModelConfig(hidden=6, layers=1),
-        meta=MetaConfig(name=meta, first_order=first_order, inner_steps=2, inner_lr=0.4, cg_iters=3),
+        meta=MetaConfig(name=meta, first_order=first_order, inner_steps=2, cg_iters=3,
+                        inner_lr=0.1 if meta == "imaml" else 0.4, eta=4.0 if meta == "imaml" else 1.0),
         optim=OptimConfig(steps=steps, meta_batch_size=batch, lr=lr, optimizer=optimizer, delta_reg=delta_reg,
                           eval_every=steps, checkpoint_every=steps, num_checkpoints=3))
 
@@ -115,18 +116,32 @@ def _score_cfg(run_dir: Path, **kw) -> ScoreConfig:
 class Retrainer:
     """Retrain a run with other weights (the real training loop) and evaluate ``f`` on it."""
 
-    def __init__(self, run_dir: Path, tmp: Path) -> None:
+    def __init__(self, run_dir: Path, tmp: Path, direct: bool = False) -> None:
         self.run = load_run(run_dir)
         self.problem = build_problem(self.run, _score_cfg(run_dir))
         self.spec = FlatSpec.of(self.run.lam)
-        self.tmp, self.count = tmp, 0
+        self.tmp, self.count, self.direct = tmp, 0, direct
+
+    def _direct(self, lam):
+        """The mean query loss of the evaluation tasks at ``lam`` itself (no adaptation)."""
+        test, learner = self.problem.test, self.run.exp.learner
+        losses = [(test.v[t] * learner.instance_losses(lam, test.x_qry[t], test.y_qry[t])).mean()
+                  for t in range(len(test))]
+        return torch.stack(losses).mean()
 
     def f(self, weights: PoolWeights) -> float:
         self.count += 1
         out = self.tmp / f"retrain{self.count}"
         train(self.run.exp, out, weights)
         lam = torch.load(out / "model.pt", weights_only=False)["lam"]
-        return float(self.problem.eval_grad(self.spec.flatten(lam))[0].mean())
+        return self.eval_grad(lam)[0]
+
+    def eval_grad(self, lam):
+        if self.direct:
+            g, value = torch.func.grad_and_value(self._direct)(lam)
+            return float(value), g
+        values, grads = self.problem.eval_grad(self.spec.flatten(lam))
+        return float(values.mean()), self.spec.unflatten(grads.mean(0))
 
     def weights(self) -> PoolWeights:
         return PoolWeights(*(self.run.weights[k].clone().double() for k in ("w", "u", "v")))
@@ -152,13 +167,21 @@ def _unit_weights(base: PoolWeights, kind: str, task: int, pos: int, delta: floa
 def test_scores_match_finite_differences_of_training(tmp_path, meta, optimizer, first_order, delta_reg):
     run_dir = tmp_path / "run"
     run_train(_cfg(meta, optimizer, first_order, delta_reg), run_dir)
-    retrain = Retrainer(run_dir, tmp_path)
-    out = run_method(retrain.run, _score_cfg(run_dir))
-    assert out.info["replay_error"] == 0.0
+    if meta == "imaml":
+        # f without adaptation: the implicit D f of the test tasks needs converged inner solves, which
+        # gradient descent does not reach on this ReLU network (it cycles across a kink); the training
+        # steps under test are iMAML's all the same
+        retrain = Retrainer(run_dir, tmp_path, direct=True)
+        out = trajectory_scores(recorded_run(retrain.run)[0], retrain.eval_grad)
+        assert out.replay_error == 0.0
+    else:
+        retrain = Retrainer(run_dir, tmp_path)
+        out = run_method(retrain.run, _score_cfg(run_dir))
+        assert out.info["replay_error"] == 0.0
     sched = recorded_run(retrain.run)[0].schedule
     task = int(sched[-1][0])  # a task of the last meta-batch, and one of the first
     first = int(sched[0][0])
-    h = 1e-4
+    h = 1e-5
     base = retrain.weights()
     for kind, k, pos in (("task", task, 0), ("support", first, 1), ("query", task, 2)):
         fd = (retrain.f(_unit_weights(base, kind, k, pos, h)) - retrain.f(_unit_weights(base, kind, k, pos, -h))) / (2 * h)
@@ -171,13 +194,7 @@ def test_segments_and_replay_from_start_equal_one_pass(tmp_path):
     run_dir = tmp_path / "run"
     run_train(_cfg("maml", "adam"), run_dir)
     run = load_run(run_dir)
-    problem = build_problem(run, _score_cfg(run_dir))
-    spec = FlatSpec.of(run.lam)
-
-    def eval_grad(lam):
-        values, grads = problem.eval_grad(spec.flatten(lam))
-        return float(values.mean()), spec.unflatten(grads.mean(0))
-
+    eval_grad = Retrainer(run_dir, tmp_path).eval_grad
     recorded, complete = recorded_run(run)
     assert complete and sorted(recorded.states) == [0, 2, 4, 6]
     ref = trajectory_scores(recorded, eval_grad, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from metaif_cli.influence.compute import ScoreOutput
 from metaif_cli.influence.problem import Problem
 from metaif_cli.influence.trajectory import RecordedRun, trajectory_scores
 from metaif_cli.influence.trajectory_step import OptimSpec, OptState
+from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import FlatSpec, Params
 from metaif_cli.score.config import ScoreConfig
 from metaif_cli.score.run import LoadedRun
@@ -94,6 +96,8 @@ def score_trajectory(run: LoadedRun, cfg: ScoreConfig, problem: Problem) -> Scor
         segment = segment or math.ceil(math.sqrt(recorded.steps))
         log.warning("%s: the checkpoints hold no optimiser state (trained by an older metaif); replaying from "
                     "step 0 in segments of %d steps (retrain for a faster pass)", run.run_dir, segment)
+    if problem.learner.cfg.first_order:  # D f must be the derivative of f, not its first-order approximation
+        problem.learner = MetaLearner(problem.learner.model, replace(problem.learner.cfg, first_order=False))
     spec = FlatSpec.of(run.lam)
 
     def eval_grad(lam: Params) -> tuple[float, Params]:
