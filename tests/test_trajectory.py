@@ -225,3 +225,24 @@ def test_scores_rank_cold_leave_one_out(tmp_path):
     actual = [retrain.f(_unit_weights(base, "task", k, 0, -1.0)) - f0 for k in range(n)]
     rho = spearmanr(out.scores.task.numpy(), actual).statistic
     assert rho >= 0.95, (rho, out.scores.task.tolist(), actual)
+
+
+def test_older_runs_replay_from_start_and_refusals(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(_cfg("anil", "adam"), run_dir)
+    ref = run_method(load_run(run_dir), _score_cfg(run_dir))
+    for path in (run_dir / "checkpoints").glob("step_*.pt"):  # as written before the optimiser state was kept
+        saved = torch.load(path, weights_only=False)
+        del saved["optimizer"]
+        torch.save(saved, path)
+    run = load_run(run_dir)
+    old = run_method(run, _score_cfg(run_dir))
+    assert old.info["segments"] == 2  # of ceil(sqrt(6)) = 3 steps
+    torch.testing.assert_close(old.scores.support, ref.scores.support, rtol=0, atol=1e-15)
+    from metaif_cli.influence.config import EvaluationConfig
+    from metaif_cli.score.methods import pred_delta_lam
+
+    with pytest.raises(MetaifError, match="one evaluation function"):
+        run_method(run, _score_cfg(run_dir, evaluation=EvaluationConfig(kind="per_task")))
+    with pytest.raises(MetaifError, match="predicts no parameter change"):
+        pred_delta_lam(run, _score_cfg(run_dir), [("task", 0, None, None)])

@@ -94,7 +94,7 @@ def _select(out: compute.ScoreOutput, index: torch.Tensor | None) -> compute.Sco
 
 def pred_delta_lam(run: LoadedRun, cfg: ScoreConfig, units: list[tuple[str, int, str | None, int | None]]) -> dict:
     """``(H + delta I)^{-1} d_{w_e} grad F`` for each requested unit, and for their sum (model editing)."""
-    if cfg.method in LIBRARY_METHODS:
+    if cfg.method in LIBRARY_METHODS + ("trajectory",):
         raise MetaifError(f"method={cfg.method} predicts no parameter change; drop pred_delta_lam (or use "
                           "update=retrain), or use method=if or direct_if")
     problem = build_problem(run, cfg, direct=cfg.method == "direct_if")
