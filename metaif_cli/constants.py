@@ -6,6 +6,7 @@ TASKS_CSV = "tasks.csv"
 SPLIT_JSON = "class_split.json"
 METRICS_CSV = "metrics.csv"
 CHECKPOINT_LAST = "checkpoint_last.pt"
+CHECKPOINT_PREV = "checkpoint_prev.pt"  # the one before checkpoint_last.pt, should that be damaged
 MODEL_PT = "model.pt"
 CHECKPOINT_DIR = "checkpoints"
 RESULTS_JSON = "results.json"

@@ -19,7 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from metaif_cli.errors import MetaifError
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+def conf_dir() -> str:
+    """The Hydra config folder: ``metaif_cli/conf`` in an installed wheel, else the checkout's ``conf/``.
+
+    The configs live in ``conf/`` at the top of the repository; the wheel ships them as the
+    package ``metaif_cli.conf`` (``setup.py``), so a non-editable install finds them too.
+    """
+    packaged = Path(__file__).resolve().parent / "conf"
+    if (packaged / "train.yaml").is_file():
+        return str(packaged)
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+CONF_DIR = conf_dir()
 
 HINTS = {"model/maml": "meta=maml", "model/anil": "meta=anil", "model/imaml": "meta=imaml"}
 
@@ -80,10 +92,13 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
     register_schemas(schemas)
     register_resolvers()
 
+    from metaif_cli.progress import redirect_logging
+
     @functools.wraps(task_fn)
     def guarded(cfg):
         try:
-            return task_fn(cfg)
+            with redirect_logging():  # log lines above the bars, never on a bar's line
+                return task_fn(cfg)
         except Exception as exc:
             err = user_error(exc)
             if err is None:

@@ -43,16 +43,35 @@ def test_detection_curve_no_corrupted_is_nan():
     assert x.shape == (3,) and np.all(np.isnan(y))
 
 
-def test_random_detection_curve_seeded_and_near_diagonal():
+def test_library_metrics_random_detection_curve_is_the_diagonal():
     corrupted = np.zeros(50, dtype=bool)
     corrupted[:10] = True
-    x1, y1 = detection.random_detection_curve(50, corrupted, generator_seed=0, repeats=200)
-    _, y2 = detection.random_detection_curve(50, corrupted, generator_seed=0, repeats=200)
-    np.testing.assert_array_equal(y1, y2)
-    assert y1[0] == 0.0 and y1[-1] == 1.0
-    assert np.max(np.abs(y1 - x1)) < 0.1
+    x, y = detection.random_detection_curve(50, corrupted)
+    np.testing.assert_array_equal(x, np.arange(51) / 50)
+    np.testing.assert_array_equal(y, x)  # the exact expectation, not an estimate
+    # it is the mean over all orders: averaging many permutations approaches it
+    rng = np.random.default_rng(0)
+    mean = np.mean([detection.detection_curve(rng.permutation(50).astype(float), corrupted)[1]
+                    for _ in range(2000)], axis=0)
+    assert np.max(np.abs(mean - y)) < 0.02
+    assert np.all(np.isnan(detection.random_detection_curve(3, np.zeros(3, bool))[1]))
     with pytest.raises(ValueError):
-        detection.random_detection_curve(49, corrupted, generator_seed=0)
+        detection.random_detection_curve(49, corrupted)
+
+
+def test_library_metrics_auc_and_ap_are_scikit_learns():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        n = int(rng.integers(5, 60))
+        h = rng.integers(-3, 4, size=n).astype(float)  # ties
+        pos = rng.random(n) < 0.3
+        pos[0], pos[1] = True, False
+        assert detection.roc_auc(h, pos) == roc_auc_score(pos, h)
+        assert detection.average_precision(h, pos) == average_precision_score(pos, h)
+    assert math.isnan(detection.roc_auc(np.ones(3), np.ones(3, bool)))
+    assert math.isnan(detection.average_precision(np.ones(3), np.zeros(3, bool)))
 
 
 def _brute_force_auc(h: np.ndarray, pos: np.ndarray) -> float:
@@ -157,10 +176,18 @@ def test_vector_agreement_hand_example():
         agreement.vector_agreement(np.zeros((2, 3)), np.zeros((2, 4)))
 
 
-def test_mean_ci95():
+def test_library_metrics_mean_ci95_uses_student_t():
     mean, half = intervals.mean_ci95(np.array([1.0, 2.0, 3.0, 4.0]))
     assert mean == pytest.approx(2.5)
-    assert half == pytest.approx(1.96 * np.std([1, 2, 3, 4], ddof=1) / 2.0)
+    assert half == pytest.approx(3.182446305284263 * np.std([1, 2, 3, 4], ddof=1) / 2.0)  # t_{0.975, 3}
+    # three seeds: t = 4.303, more than twice the normal 1.96
+    _, half3 = intervals.mean_ci95(np.array([0.80, 0.82, 0.84]))
+    assert half3 == pytest.approx(4.302652729911275 * 0.02 / np.sqrt(3))
+    # the interval covers the mean about 95% of the time over small samples (1.96 covers ~88% at n=3)
+    rng = np.random.default_rng(0)
+    draws = rng.normal(size=(4000, 3))
+    covered = [abs(m) <= h for m, h in map(intervals.mean_ci95, draws)]
+    assert 0.93 < np.mean(covered) < 0.97
     assert intervals.mean_ci95(np.array([0.7])) == (pytest.approx(0.7), 0.0)
     m, h = intervals.mean_ci95(np.array([]))
     assert math.isnan(m) and math.isnan(h)
@@ -192,7 +219,7 @@ def test_plot_detection_curve(tmp_path):
     scores = rng.normal(size=30) - corrupted
     curves = {
         "if": detection.detection_curve(scores, corrupted),
-        "random": detection.random_detection_curve(30, corrupted, generator_seed=0),
+        "random": detection.random_detection_curve(30, corrupted),
     }
     out = score_plots.plot_detection_curve(curves, tmp_path / "det.png", "detection",
                                      corrupted_fraction=float(corrupted.mean()))

@@ -159,7 +159,7 @@ def test_oracle_removes_exactly_the_corrupted_tasks(pruned, corrupted_run):
     assert {u.id for u in select(ranking, 0.1, len(flags))} < corrupted  # k = 2 of the 7
     row = _row(results, "oracle")
     assert row.num_removed == row.num_removed_corrupted == len(corrupted) and row.removed_corrupted_fraction == 1.0
-    weights = torch.load(out / C.RETRAIN_DIR / f"oracle-{FRACTION:g}" / C.MODEL_PT, weights_only=False)["weights"]
+    weights = torch.load(out / C.RETRAIN_DIR / f"oracle-{FRACTION:g}" / C.MODEL_PT, weights_only=True)["weights"]
     assert {f"task:{k}" for k in torch.nonzero(weights["w"] == 0).flatten().tolist()} == corrupted
     assert (weights["u"] == 1).all() and (weights["v"] == 1).all()
 
@@ -168,8 +168,8 @@ def test_retraining_without_nothing_reproduces_the_run(corrupted_run, tmp_path):
     """Same config, seed, initialisation and batch order: a retraining with no unit removed is the run."""
     run = load_run(corrupted_run)
     launch([retrain_job(run, [], tmp_path / "same")])
-    lam = torch.load(tmp_path / "same" / C.MODEL_PT, weights_only=False)["lam"]
-    original = torch.load(corrupted_run / C.MODEL_PT, weights_only=False)["lam"]
+    lam = torch.load(tmp_path / "same" / C.MODEL_PT, weights_only=True)["lam"]
+    original = torch.load(corrupted_run / C.MODEL_PT, weights_only=True)["lam"]
     assert all(torch.equal(lam[k], original[k]) for k in original)
 
 
@@ -234,7 +234,7 @@ def test_parallel_launchers_equal_sequential(corrupted_run, tmp_path, monkeypatc
         results = launch(jobs, launcher=launcher, n_jobs=2, folder=tmp_path / "submitit_logs", cluster="local",
                          submitit_params={"timeout_min": 10})
         metrics[launcher] = [(r["test_acc"], r["test_loss"]) for r in results]
-        lams[launcher] = [torch.load(tmp_path / launcher / str(i) / C.MODEL_PT, weights_only=False)["lam"]
+        lams[launcher] = [torch.load(tmp_path / launcher / str(i) / C.MODEL_PT, weights_only=True)["lam"]
                           for i in range(len(removals))]
     for launcher in ("joblib", "submitit"):
         assert metrics[launcher] == metrics["sequential"]

@@ -208,7 +208,7 @@ def _train_cfg(*extra: str) -> TrainConfig:
 
 
 def _lam(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / C.MODEL_PT, weights_only=False)["lam"]
+    return torch.load(run_dir / C.MODEL_PT, weights_only=True)["lam"]
 
 
 def _tmp_files(run_dir: Path) -> list[Path]:
@@ -258,7 +258,7 @@ class _Interrupt:
 
             def save(obj, f, *args, **kwargs):
                 if isinstance(obj, dict) and "optimizer" in obj and obj.get("step") == self.step:
-                    Path(f).write_bytes(b"half a checkpoint")
+                    f.write(b"half a checkpoint")
                     raise KeyboardInterrupt
                 return real_save(obj, f, *args, **kwargs)
 
@@ -275,7 +275,7 @@ def test_resume_equals_uninterrupted(where, step, tmp_path, monkeypatch):
         _Interrupt(where, step).install(patch)
         with pytest.raises(KeyboardInterrupt):
             run_train(cfg, resumed)
-    saved = torch.load(resumed / C.CHECKPOINT_LAST, weights_only=False)
+    saved = torch.load(resumed / C.CHECKPOINT_LAST, weights_only=True)
     assert saved["step"] == 3  # the last complete checkpoint before the interruption
     assert not (resumed / C.MODEL_PT).exists() and not (resumed / C.RESULTS_JSON).exists()
     assert _tmp_files(resumed) == []
@@ -285,8 +285,8 @@ def test_resume_equals_uninterrupted(where, step, tmp_path, monkeypatch):
     a, b = pd.read_csv(straight / C.METRICS_CSV), pd.read_csv(resumed / C.METRICS_CSV)
     pd.testing.assert_frame_equal(a, b)
     for ckpt in sorted((straight / C.CHECKPOINT_DIR).glob("step_*.pt")):
-        _assert_same_lam(torch.load(ckpt, weights_only=False)["lam"],
-                         torch.load(resumed / C.CHECKPOINT_DIR / ckpt.name, weights_only=False)["lam"])
+        _assert_same_lam(torch.load(ckpt, weights_only=True)["lam"],
+                         torch.load(resumed / C.CHECKPOINT_DIR / ckpt.name, weights_only=True)["lam"])
     assert _tmp_files(resumed) == [] and _tmp_files(straight) == []
 
 

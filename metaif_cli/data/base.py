@@ -37,6 +37,17 @@ class ImageDataset:
             raise ValueError(f"images must be [N, C, H, W], got {tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError("labels must be [N] with one class per image")
+        # the contract every loader keeps (a last guard against a blind cast upstream)
+        if not self.images.is_floating_point():
+            raise ValueError(f"images must be floats in [0, 1], got {self.images.dtype}")
+        if self.images.numel():
+            lo, hi = float(self.images.min()), float(self.images.max())
+            if not (0.0 <= lo and hi <= 1.0):  # NaN fails too
+                raise ValueError(f"{self.name}: image values range over [{lo:g}, {hi:g}], expected [0, 1]")
+        if self.labels.dtype != torch.int64:
+            raise ValueError(f"labels must be int64, got {self.labels.dtype}")
+        if self.labels.numel() and not (0 <= int(self.labels.min()) and int(self.labels.max()) < len(self.class_names)):
+            raise ValueError("labels must index class_names")
 
     @property
     def num_classes(self) -> int:

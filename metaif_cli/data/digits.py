@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from metaif_cli.data.base import ImageDataset
+from metaif_cli.data.decode import check_labels
+from metaif_cli.errors import MetaifError
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +28,13 @@ def load_digits() -> ImageDataset:
     from sklearn.datasets import load_digits as _sk_load_digits
 
     bunch = _sk_load_digits()
-    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8]
-    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    raw = np.asarray(bunch.images)
+    where = "scikit-learn's digits"
+    fix = "reinstall scikit-learn"
+    if raw.dtype.kind not in "uif" or not np.isfinite(raw).all() or raw.min() < 0 or raw.max() > 16:
+        raise MetaifError(f"{where}: pixel values must be 0..16, got dtype {raw.dtype}; {fix}")
+    images = torch.as_tensor(raw, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8]
+    labels = torch.as_tensor(check_labels(np.asarray(bunch.target), 10, where, fix))
     log.info("loaded digits: %d images of 8x8, 10 classes", images.shape[0])
     return ImageDataset(
         name="digits",

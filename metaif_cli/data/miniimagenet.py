@@ -7,6 +7,8 @@ Two on-disk formats are read, from ``root``, ``root/miniimagenet`` or
 - learn2learn's cache pickles ``mini-imagenet-cache-{train,validation,test}.pkl``
   (``-val.pkl`` also accepted), each ``{'image_data': uint8 [N, 84, 84, 3],
   'class_dict': {class_name: [row, ...]}}``, including Python-2 pickles with byte keys;
+  ``image_data`` may also be floats in ``[0, 1]`` or ``[0, 255]`` (scaled), anything else
+  is refused;
 - the Ravi-Larochelle layout ``{train,val,test}.csv`` (``filename,label``) beside
   ``images/<filename>``.
 
@@ -26,10 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from metaif_cli.data.base import ImageDataset
+from metaif_cli.data.decode import corrupt, pil_to_uint8, to_uint8
 from metaif_cli.errors import MetaifError
+from metaif_cli.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,13 @@ def _text(key: str | bytes) -> str:
     return key.decode("utf-8") if isinstance(key, bytes) else str(key)
 
 
+def _row(r) -> int:
+    """A row number: an integer (a float such as 3.5 or True is refused, not truncated)."""
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)):
+        raise ValueError(f"row {r!r} is not an integer")
+    return int(r)
+
+
 def _read_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
     """Return ``(image_data [N, H, W, 3] uint8, {class_name: rows})`` from one cache pickle."""
     fix = "delete it and rebuild it (learn2learn's MiniImagenet writes these files)"
@@ -73,8 +83,8 @@ def _read_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
             except UnicodeDecodeError:  # Python-2 pickle holding str
                 f.seek(0)
                 blob = pickle.load(f, encoding="latin1")
-    except Exception as exc:
-        raise MetaifError(f"Mini-ImageNet pickle {path} is corrupt or unreadable ({exc}); {fix}") from exc
+    except Exception as exc:  # UnpicklingError, EOFError, ImportError, ValueError, MemoryError...
+        raise corrupt(path, exc, fix) from exc
     if not isinstance(blob, dict):
         raise MetaifError(f"Mini-ImageNet pickle {path} holds a {type(blob).__name__}, not a dict; {fix}")
     blob = {_text(k): v for k, v in blob.items()}
@@ -82,12 +92,20 @@ def _read_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
         raise MetaifError(
             f"Mini-ImageNet pickle {path} lacks 'image_data'/'class_dict' (has {sorted(blob)}); {fix}"
         )
-    images = np.asarray(blob["image_data"], dtype=np.uint8)
+    try:
+        images = np.asarray(blob["image_data"])
+    except Exception as exc:  # ragged lists and the like
+        raise corrupt(path, exc, fix) from exc
     if images.ndim != 4 or images.shape[-1] != 3:
         raise MetaifError(
             f"Mini-ImageNet pickle {path}: image_data is {images.shape}, expected [N, H, W, 3]; {fix}"
         )
-    class_rows = {_text(name): [int(r) for r in rows] for name, rows in blob["class_dict"].items()}
+    images = to_uint8(images, path, "image_data values", fix)  # never a blind cast
+    try:
+        class_rows = {_text(name): [_row(r) for r in rows] for name, rows in dict(blob["class_dict"]).items()}
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise MetaifError(f"Mini-ImageNet pickle {path}: class_dict must map class names to row numbers "
+                          f"({exc}); {fix}") from exc
     bad = [r for rows in class_rows.values() for r in rows if not 0 <= r < len(images)]
     if bad:
         raise MetaifError(f"Mini-ImageNet pickle {path}: class_dict row {bad[0]} outside image_data; {fix}")
@@ -99,25 +117,28 @@ def _read_csv_split(path: Path, image_size: int) -> tuple[np.ndarray, dict[str, 
     try:
         with path.open(newline="") as f:
             rows = [(r["filename"], r["label"]) for r in csv.DictReader(f)]
-    except (OSError, KeyError, csv.Error, UnicodeDecodeError) as exc:
-        raise MetaifError(
-            f"Mini-ImageNet CSV {path} is unreadable or lacks a filename,label header ({exc})"
-        ) from exc
+    except (KeyError, TypeError) as exc:
+        raise MetaifError(f"Mini-ImageNet CSV {path} lacks a filename,label header ({exc}); fix its first line") from exc
+    except Exception as exc:
+        raise corrupt(path, exc, "restore it (filename,label per line)") from exc
     images = np.empty((len(rows), image_size, image_size, 3), dtype=np.uint8)
     class_rows: dict[str, list[int]] = {}
-    progress = tqdm(rows, desc=f"mini-imagenet {path.stem}", unit="img", disable=None)
+    progress = progress_bar(rows, desc=f"mini-imagenet {path.stem}", unit="img")
     for i, (filename, label) in enumerate(progress):
         file = path.parent / "images" / filename
+        if not file.is_file():
+            raise MetaifError(f"Mini-ImageNet image {file} listed in {path} is missing; restore it or "
+                              "remove its line")
         try:
             with Image.open(file) as im:
-                rgb = im.convert("RGB")
+                rgb = Image.fromarray(pil_to_uint8(im, "RGB", file))  # [H, W, 3] uint8: RGB
             if rgb.size != (image_size, image_size):
                 rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
             images[i] = np.asarray(rgb, dtype=np.uint8)
-        except (OSError, ValueError) as exc:
-            raise MetaifError(
-                f"Mini-ImageNet image {file} (listed in {path}) is missing or corrupt ({exc})"
-            ) from exc
+        except MetaifError:
+            raise
+        except Exception as exc:  # UnidentifiedImageError, SyntaxError, zlib/struct errors, bombs...
+            raise corrupt(file, exc, f"replace it (listed in {path})") from exc
         class_rows.setdefault(label, []).append(i)
     return images, class_rows
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from metaif_cli.data.base import ImageDataset
+from metaif_cli.data.decode import check_labels, corrupt, to_uint8
 from metaif_cli.errors import MetaifError
 
 log = logging.getLogger(__name__)
@@ -64,38 +64,49 @@ def _find_pairs(root: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+# IDX type codes (third byte of the magic number) and their big-endian numpy dtypes
+IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+FIX = "delete it and fetch MNIST again (dataset.download=true)"
+
+
 def read_idx(path: Path, magic: int) -> np.ndarray:
-    """Read one unsigned-byte IDX file (plain or gzip) and check its header.
+    """Read one IDX file (plain or gzip) and check its header.
+
+    The IDX header is two zero bytes, a type code and the number of dimensions, then
+    one big-endian ``uint32`` per dimension. MNIST's files hold unsigned bytes; the other
+    IDX types are read too, and their values checked by the caller (never cast blindly).
 
     Args:
         path: the file.
-        magic: expected magic number (2051 for images, 2049 for labels).
+        magic: expected magic number of the unsigned-byte file (2051 for images, 2049 for
+            labels); its last byte is the number of dimensions required.
 
     Returns:
-        uint8 array shaped as the header says.
+        The array (native byte order) shaped as the header says.
 
     Raises:
-        MetaifError: unreadable, bad magic number, or wrong length.
+        MetaifError: unreadable, bad header, or wrong length.
     """
-    fix = "delete it and fetch MNIST again (dataset.download=true)"
     try:
         raw = path.read_bytes()
         data = gzip.decompress(raw) if path.suffix == ".gz" else raw
-    except (OSError, EOFError, zlib.error) as exc:
-        raise MetaifError(f"MNIST file {path} is corrupt or unreadable ({exc}); {fix}") from exc
+    except Exception as exc:  # BadGzipFile, EOFError, zlib.error, OSError
+        raise corrupt(path, exc, FIX) from exc
     ndim = magic % 256
     if len(data) < 4 + 4 * ndim:
-        raise MetaifError(f"MNIST file {path} is truncated ({len(data)} bytes); {fix}")
-    found = struct.unpack(">I", data[:4])[0]
-    if found != magic:
-        raise MetaifError(f"MNIST file {path} has magic number {found}, expected {magic}; {fix}")
+        raise corrupt(path, ValueError(f"truncated: {len(data)} bytes"), FIX)
+    zero, code, found_ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or code not in IDX_DTYPES or found_ndim != ndim:
+        raise corrupt(path, ValueError(f"magic number {struct.unpack('>I', data[:4])[0]}, expected {magic} "
+                                       f"(an IDX file of {ndim} dimensions)"), FIX)
+    dtype = IDX_DTYPES[code]
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = data[4 + 4 * ndim :]
-    if len(body) != int(np.prod(shape)):
-        raise MetaifError(
-            f"MNIST file {path} holds {len(body)} data bytes, its header says {int(np.prod(shape))}; {fix}"
-        )
-    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+    if len(body) != int(np.prod(shape)) * dtype.itemsize:
+        raise corrupt(path, ValueError(f"holds {len(body)} data bytes, its header says "
+                                       f"{int(np.prod(shape)) * dtype.itemsize}"), FIX)
+    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _download(root: Path) -> None:
@@ -148,12 +159,9 @@ def load_mnist(root: Path, download: bool = False) -> ImageDataset:
                 f"MNIST {image_file} has {len(x)} images but {label_file} has {len(y)} labels; "
                 "delete both and fetch MNIST again"
             )
-        if y.size and y.max() > 9:
-            raise MetaifError(
-                f"MNIST {label_file} holds label {int(y.max())} > 9; delete it and fetch it again"
-            )
-        images.append(torch.from_numpy(x.copy()))
-        labels.append(torch.from_numpy(y.astype(np.int64)))
+        y = check_labels(y, 10, label_file, FIX)
+        images.append(torch.from_numpy(to_uint8(x, image_file, fix=FIX).copy()))  # checked, never cast blindly
+        labels.append(torch.from_numpy(y))
         log.info("read %d MNIST images from %s", len(x), image_file)
 
     images_t = torch.cat(images).unsqueeze(1).to(torch.float32).div_(255.0)  # [N, 1, 28, 28]

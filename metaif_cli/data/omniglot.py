@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from metaif_cli.data.base import ImageDataset
+from metaif_cli.data.decode import corrupt, pil_to_uint8
 from metaif_cli.errors import MetaifError
+from metaif_cli.progress import bar as progress_bar
 from metaif_cli.io import save_torch
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,8 @@ def _list_zip(path: Path) -> list[_Entry]:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise MetaifError(
-            f"Omniglot zip {path} is corrupt or unreadable ({exc}); delete it and fetch it again"
-        ) from exc
+    except Exception as exc:  # BadZipFile, OSError, struct.error, UnicodeDecodeError, ValueError
+        raise corrupt(path, exc) from exc
     entries = []
     for info in infos:
         parts = info.filename.split("/")
@@ -123,10 +122,14 @@ def _cache_key(entries: list[_Entry], image_size: int) -> str:
     return digest.hexdigest()
 
 
-def _decode(data: bytes, image_size: int) -> np.ndarray:
-    """PNG bytes -> ``[S, S]`` uint8 with strokes 255 and background 0."""
+def _decode(data: bytes, image_size: int, where: str = "<bytes>") -> np.ndarray:
+    """PNG bytes -> ``[S, S]`` uint8 with strokes 255 and background 0.
+
+    16-bit and float PNGs are scaled to 8 bits by their range (``convert("L")`` alone
+    would clip them to white).
+    """
     with Image.open(io.BytesIO(data)) as im:
-        grey = im.convert("L")
+        grey = Image.fromarray(pil_to_uint8(im, "L", where))
     if grey.size != (image_size, image_size):
         grey = grey.resize((image_size, image_size), Image.Resampling.LANCZOS)
     return 255 - np.asarray(grey, dtype=np.uint8)
@@ -137,7 +140,7 @@ def _read_images(entries: list[_Entry], image_size: int) -> torch.Tensor:
     out = np.empty((len(entries), 1, image_size, image_size), dtype=np.uint8)
     zips: dict[Path, zipfile.ZipFile] = {}
     try:
-        for i, e in enumerate(tqdm(entries, desc="omniglot", unit="img", disable=None)):
+        for i, e in enumerate(progress_bar(entries, desc="omniglot", unit="img")):
             where = f"{e.source}:{e.member}" if e.member else str(e.source)
             try:
                 if e.member:
@@ -146,12 +149,11 @@ def _read_images(entries: list[_Entry], image_size: int) -> torch.Tensor:
                     data = zips[e.source].read(e.member)
                 else:
                     data = e.source.read_bytes()
-                out[i, 0] = _decode(data, image_size)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-                raise MetaifError(
-                    f"Omniglot image {where} is corrupt or unreadable ({exc}); "
-                    "delete the file and fetch the dataset again"
-                ) from exc
+                out[i, 0] = _decode(data, image_size, where)
+            except MetaifError:
+                raise
+            except Exception as exc:  # zlib.error, BadZipFile (CRC), PIL's SyntaxError/OSError, bombs...
+                raise corrupt(where, exc, "delete the file and fetch the dataset again") from exc
     finally:
         for zf in zips.values():
             zf.close()
@@ -165,6 +167,10 @@ def _load_cache(path: Path, key: str) -> dict | None:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if blob.get("key") != key:
             raise ValueError("cache key mismatch")
+        images, labels = blob["images"], blob["labels"]
+        if images.dtype != torch.uint8 or images.ndim != 4 or labels.dtype != torch.int64 \
+                or labels.shape != images.shape[:1] or (len(labels) and len(blob["class_names"]) <= int(labels.max())):
+            raise ValueError("cache holds tensors of the wrong dtype or shape")
         return blob
     except Exception as exc:  # a bad cache is rebuilt, never fatal
         log.warning("ignoring unreadable Omniglot cache %s (%s); rebuilding it", path, exc)

@@ -32,6 +32,7 @@ from metaif_cli.influence.outer import instance_values, weighted_mean
 from metaif_cli.influence.problem import Problem, UnitScores
 from metaif_cli.influence.solvers import solve_cg
 from metaif_cli.meta.implicit import inner_hvp
+from metaif_cli.progress import bar as progress_bar
 
 
 class ImplicitProblem(Problem):
@@ -140,7 +141,7 @@ class ImplicitProblem(Problem):
         eta, n = self.learner.cfg.eta, self.n
         index = torch.arange(len(self.train)) if index is None else torch.as_tensor(index)
         tasks, queries, supports = [], [], []
-        for k in index.tolist():
+        for k in progress_bar(index.tolist(), desc="unit pass", unit="task", enabled=self.progress, leave=False):
             phi, qloss, solve, (x_spt, y_spt, u, x_qry, y_qry, v) = self._task_parts(theta, k)
             w = self.train.w[k]
             r = solve(s)

@@ -22,9 +22,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from metaif_cli.influence.operators import Hvp, SolveResult, damped, relative_residual
+from metaif_cli.progress import bar as progress_bar
+from metaif_cli.progress import finish
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, dam
     process = Lanczos(hvp, b)
     limit = min(max(max_iter, damping_iters), b.numel())
     choose = min(damping_iters, limit)  # steps that choose the damping
-    bar = tqdm(total=limit, desc="iHVP lanczos-cg", disable=not progress, leave=False)
+    bar = progress_bar(total=limit, desc="iHVP lanczos-cg", enabled=progress, leave=False)
     damping, lo, hi = base, 0.0, 0.0
     x = torch.zeros_like(b)  # the loop always solves at least once (at step ``choose`` or on exhaustion)
     while process.steps < limit and not process.exhausted:
@@ -153,7 +154,7 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, dam
         bar.set_postfix(residual=f"{estimate:.1e}")
         if estimate <= tol:
             break
-    bar.close()
+    finish(bar)  # ends at 100% when the solve converged early
     if process.extremes()[0] + damping <= 0:  # later steps found more negative curvature: same rule, all of T_k
         lo, hi = process.extremes()
         damping = damping_from(lo, base, factor)

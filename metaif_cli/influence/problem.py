@@ -29,6 +29,8 @@ from metaif_cli.influence.outer import instance_values, weighted_mean
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import FlatSpec
 from metaif_cli.meta.tasks import TaskBatch
+from metaif_cli.progress import bar as progress_bar
+from metaif_cli.progress import finish, load_jvp_decompositions
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Problem:
         self.support = support  # False: unit_scores skips support instances (NaN), the costly part
         self.use_vmap = learner.cfg.vmap
         self.rank, self.world = 0, 1  # set by the caller under torchrun
+        self.progress = False  # a bar over the unit pass (set by the caller)
+        load_jvp_decompositions()  # before the first jvp: without torch's own deprecation warning
 
     def _reduce(self, local: Tensor) -> Tensor:
         """Sum a per-process partial result over all processes (identity without torchrun)."""
@@ -77,10 +81,14 @@ class Problem:
 
     # -- iteration over tasks, vmapped in chunks where correct ------------------------------
     def map_tasks(self, fn: Callable, batch: TaskBatch, *shared: Tensor, index: Sequence[int] | Tensor | None = None,
-                  with_weight: bool = False) -> list:
-        """Apply ``fn(*shared, *task_args[, w])`` to every task (or ``index``); stack outputs."""
+                  with_weight: bool = False, desc: str | None = None) -> list:
+        """Apply ``fn(*shared, *task_args[, w])`` to every task (or ``index``); stack outputs.
+
+        ``desc``: show a bar (in tasks) under that name when ``self.progress`` is set.
+        """
         idx = torch.arange(len(batch)) if index is None else torch.as_tensor(index)
         outs = []
+        bar = progress_bar(total=len(idx), desc=desc, unit="task", enabled=bool(desc) and self.progress, leave=False)
         for start in range(0, len(idx), self.chunk):
             part = batch[idx[start : start + self.chunk].to(batch.w.device)]
             args = part.task_args() + ((part.w,) if with_weight else ())
@@ -89,6 +97,8 @@ class Problem:
             else:
                 rows = [fn(*shared, *(a[i] for a in args)) for i in range(len(part))]
                 outs.append(_stack(rows))
+            bar.update(len(part))
+        finish(bar)
         return _cat(outs)
 
     # -- to implement -----------------------------------------------------------------------
@@ -203,7 +213,8 @@ class UnrolledProblem(Problem):
                 support = torch.full_like(u, float("nan"))
             return task_dir / n, w * d / (n * q), support
 
-        task, query, support = self.map_tasks(one, self.train, theta, s, index=index, with_weight=True)
+        task, query, support = self.map_tasks(one, self.train, theta, s, index=index, with_weight=True,
+                                              desc="unit pass")
         return UnitScores(task, query, support)
 
     def weight_gradient(self, theta, task, role, position):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence.operators import Hvp, SolveResult, SubsetHvp, check_b, damped, norm64, relative_residual
+from metaif_cli.progress import bar as progress_bar
+from metaif_cli.progress import finish
 
 
 def power_iteration(
@@ -108,7 +109,7 @@ def solve_neumann(
     apply_a = damped(hvp, damping)
     s, lam = _neumann_scale(apply_a, b, scale, power_iters, generator)
     p = b.clone()
-    for _ in tqdm(range(terms - 1), desc="iHVP neumann", disable=not progress, leave=False):
+    for _ in progress_bar(range(terms - 1), desc="iHVP neumann", enabled=progress, leave=False):
         p = b + p - apply_a(p) / s
     x = p / s
     residual = relative_residual(apply_a, x, b)
@@ -159,14 +160,14 @@ def solve_lissa(
     full = power_hvp if power_hvp is not None else (lambda v: hvp_on_subset(v, generator))
     s, lam = _neumann_scale(damped(full, damping), b, scale, power_iters, generator)
     x = torch.zeros_like(b)
-    bar = tqdm(total=depth * repeats, desc="iHVP lissa", disable=not progress, leave=False)
+    bar = progress_bar(total=depth * repeats, desc="iHVP lissa", enabled=progress, leave=False)
     for _ in range(repeats):
         p = b.clone()
         for _ in range(depth):
             p = b + p - (hvp_on_subset(p, generator) + damping * p) / s
             bar.update(1)
         x = x + p / (s * repeats)
-    bar.close()
+    finish(bar)
     residual = relative_residual(damped(full, damping), x, b)
     return SolveResult(x=x, iterations=depth * repeats, residual=residual,
                        converged=residual <= tol, method="lissa", eigenvalue_max=lam)

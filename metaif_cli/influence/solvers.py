@@ -20,11 +20,12 @@ import math
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence.operators import Hvp, SolveResult, check_b, damped, dot64, norm64, relative_residual
 from metaif_cli.influence.series import power_iteration, solve_lissa, solve_neumann
+from metaif_cli.progress import bar as progress_bar
+from metaif_cli.progress import finish
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def solve_cg(
     r = b.clone()
     best_x, best_res = x.clone(), 1.0
     iterations, breakdown = 0, False
-    bar = tqdm(total=max_iter, desc="iHVP cg", disable=not progress, leave=False)
+    bar = progress_bar(total=max_iter, desc="iHVP cg", enabled=progress, leave=False)
     while True:
         p = r.clone()
         rr = dot64(r, r)
@@ -161,7 +162,7 @@ def solve_cg(
         logger.debug("cg restart: true residual %.3e > tol %.1e", residual, tol)
         x, r = best_x.clone(), true_r
         best_res = residual
-    bar.close()
+    finish(bar)  # ends at 100% when the solve converged early
     converged = not breakdown and residual <= tol
     return SolveResult(x=best_x, iterations=iterations, residual=residual, converged=converged, method="cg")
 

@@ -31,17 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.train.experiment import Experiment, build_experiment, config_from_dict
-from metaif_cli.io import load_json
+from metaif_cli.io import load_json, load_torch
+from metaif_cli.progress import bar as progress_bar
 from metaif_cli.train.loop import PoolWeights, train
 
 log = logging.getLogger(__name__)
 
-IGNORED_KEYS = ("progress", "device")  # as in training: they do not change the result
+IGNORED_KEYS = ("progress", "device", "logger")  # as in training: they do not change the result
 
 
 @dataclass
@@ -81,11 +81,16 @@ def finished_results(job: RetrainJob) -> dict | None:
     results_path, last_path = run_dir / C.RESULTS_JSON, run_dir / C.CHECKPOINT_LAST
     if not (results_path.exists() and last_path.exists()):
         return None
-    saved = torch.load(last_path, weights_only=False)
+    try:  # a damaged retraining is not finished: train() completes it from its last good checkpoint
+        saved = load_torch(last_path, "rerun to retrain it", keys=("config", "weights"))
+        results = load_json(results_path, "rerun to retrain it", keys=("steps",))
+        load_torch(run_dir / C.MODEL_PT, "rerun to retrain it", keys=("lam",))
+    except MetaifError as exc:
+        log.warning("%s; retraining it", exc)
+        return None
     same_config = ({k: v for k, v in saved["config"].items() if k not in IGNORED_KEYS}
                    == {k: v for k, v in job.config.items() if k not in IGNORED_KEYS})
     same_weights = all(torch.equal(saved["weights"][k], t.to(saved["weights"][k])) for k, t in job.weights.items())
-    results = load_json(results_path)
     if not (same_config and same_weights) or int(results.get("steps", -1)) != job.total_steps:
         raise MetaifError(f"{run_dir} holds a retraining with different settings; delete that directory "
                           "or choose another hydra.run.dir")
@@ -115,7 +120,7 @@ def launch(jobs: list[RetrainJob], launcher: str = "sequential", n_jobs: int = 2
     if not pending:
         outs: list[dict] = []
     elif launcher == "sequential":
-        outs = [run_job(j) for j in tqdm(pending, desc="retrain", disable=not progress, dynamic_ncols=True)]
+        outs = [run_job(j) for j in progress_bar(pending, desc="retrain", enabled=progress)]
     elif launcher == "joblib":
         from joblib import Parallel, delayed
 

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from metaif_cli import constants as C
+from metaif_cli.io import load_torch
 from metaif_cli.meta.params import FlatSpec, Params
 from metaif_cli.reports.agreement import vector_agreement
 from metaif_cli.prune.launch import RetrainJob
@@ -78,7 +79,8 @@ class EvalFunction:
 
 def load_lam(run_dir: Path) -> Params:
     """The final ``lam`` of a finished (re)training."""
-    return torch.load(Path(run_dir) / C.MODEL_PT, weights_only=False)["lam"]
+    return load_torch(Path(run_dir) / C.MODEL_PT, "rerun the same metaif prune-and-retrain command to retrain it",
+                      keys=("lam",))["lam"]
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from metaif_cli import constants as C
-from metaif_cli.io import load_json, save_json
+from metaif_cli.io import clean_stale_temporaries, load_json, save_json
 from metaif_cli.prune import report
 from metaif_cli.prune.launch import launch
 from metaif_cli.prune.lds import lds_protocol
@@ -38,9 +38,10 @@ from metaif_cli.prune.units import Unit, all_units, corrupted_flags
 from metaif_cli.prune.update import IFEditor, evaluate, grad_ascent, retrain_job
 from metaif_cli.prune.config import PruneConfig
 from metaif_cli.score.config import settings_of
-from metaif_cli.score.run import LoadedRun, load_run
+from metaif_cli.score.run import LoadedRun, load_run, read_tasks_csv
 
 log = logging.getLogger(__name__)
+RERUN_TRAIN = "rerun the metaif train command that wrote {run} to rewrite it"
 
 
 
@@ -73,10 +74,11 @@ class Context:
 def prune_and_retrain(cfg: PruneConfig, out_dir: Path) -> dict:
     """Run ``metaif prune-and-retrain`` into ``out_dir``; return the summary written there."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out_dir)  # left by a killed earlier run (retrainings included)
     save_json(dataclasses.asdict(cfg), out_dir / C.PRUNE_CONFIG_JSON)
     run = load_run(Path(cfg.run), cfg.score.device, cfg.score.dtype)
     pool = run.exp.pools["train"]
-    tasks_csv = pd.read_csv(run.run_dir / C.TASKS_CSV)
+    tasks_csv = read_tasks_csv(run)
     units = all_units(len(pool), pool.spt_idx.shape[1], pool.qry_idx.shape[1], cfg.unit)
     ctx = Context(cfg, out_dir, run, corrupted_flags(tasks_csv, cfg.unit), units)
     if cfg.protocol == "lds":
@@ -90,7 +92,7 @@ def prune_and_retrain(cfg: PruneConfig, out_dir: Path) -> dict:
 def gather_rankings(ctx: Context, methods: list[str]) -> dict[str, Ranking]:
     """One ranking per method: from ``scores=`` for its method, else computed (or cached)."""
     cfg, out = ctx.cfg, {}
-    given = read_scores_dir(Path(cfg.scores), ctx.run.run_dir, cfg.unit) if cfg.scores else None
+    given = read_scores_dir(Path(cfg.scores), ctx.run, cfg.unit) if cfg.scores else None
     for method in methods:
         if given is not None and given.method == method:
             _warn_if_settings_differ(given, settings_of(score_config_for(cfg, method)))
@@ -217,7 +219,8 @@ def _remove_over_seeds(ctx: Context, plan: list, rankings: dict[str, Ranking], b
 
 def _baseline_metrics(ctx: Context) -> dict:
     if ctx.cfg.update == "retrain":
-        results = load_json(ctx.run.run_dir / C.RESULTS_JSON)
+        results = load_json(ctx.run.run_dir / C.RESULTS_JSON, RERUN_TRAIN.format(run=ctx.run.run_dir),
+                            keys=("test_acc", "test_acc_ci95", "test_loss"))
         if results.get("imported_from"):  # trained elsewhere: retrain the full pool here, so every row shares one loop
             return ctx.launch([retrain_job(ctx.run, [], ctx.retrain_root / "none-0")])[0]
         return results

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from metaif_cli import constants as C
-from metaif_cli.io import atomic_path, save_csv, save_json
+from metaif_cli.io import save_csv, save_json, write_text
 from metaif_cli.reports.agreement import correlation_summary
 
 PRUNE_COLUMNS = ["method", "unit", "fraction", "update", "seed", "test_acc", "test_acc_ci95", "test_loss",
@@ -78,8 +78,7 @@ def write_prune_outputs(out_dir: Path, results: pd.DataFrame, title: str) -> dic
     save_csv(results, out_dir / C.PRUNE_RESULTS_CSV)
     table = main_table(results)
     save_csv(table, out_dir / C.MAIN_TABLE_CSV)
-    with atomic_path(out_dir / C.MAIN_TABLE_MD) as tmp:
-        tmp.write_text(markdown(table))
+    write_text(markdown(table), out_dir / C.MAIN_TABLE_MD)
     baseline = results[results.method == "none"]
     curves = pd.concat([results[results.method != "none"]]
                        + [baseline.assign(method=m) for m in results.method.unique() if m != "none"])
@@ -102,7 +101,7 @@ def write_detection_curve(out_dir: Path, rankings: dict, flags: pd.Series, unit:
             continue
         in_order = flags.loc[ranking.table.unit_id].to_numpy(dtype=bool)  # most harmful first
         curves[method] = detection_curve(np.arange(len(in_order), dtype=float), in_order)
-    curves["random"] = random_detection_curve(len(corrupted), corrupted, generator_seed=seed)
+    curves["random"] = random_detection_curve(len(corrupted), corrupted)
     path = out_dir / C.DETECTION_CURVE_PNG.format(unit=unit)
     plot_detection_curve(curves, path, f"corrupted {unit}s found", corrupted_fraction=float(corrupted.mean()))
     return str(path)

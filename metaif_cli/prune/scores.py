@@ -21,12 +21,12 @@ import pandas as pd
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.io import load_json, save_csv, save_json
+from metaif_cli.io import load_json, read_csv, save_csv, save_json
 from metaif_cli.prune.config import PruneConfig
 from metaif_cli.score.config import ScoreConfig, settings_of
 from metaif_cli.score.methods import run_method
 from metaif_cli.score.outputs import instance_table, score_column, task_table
-from metaif_cli.score.run import LoadedRun
+from metaif_cli.score.run import LoadedRun, read_tasks_csv
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def compute_ranking(run: LoadedRun, cfg: PruneConfig, method: str) -> Ranking:
     t0 = time.perf_counter()
     out = run_method(run, scfg)
     seconds = time.perf_counter() - t0
-    tasks_csv = pd.read_csv(run.run_dir / C.TASKS_CSV)
+    tasks_csv = read_tasks_csv(run)
     if cfg.unit == "task":
         table = table_of(task_table(out.scores, tasks_csv, method), None, method, "task")
     else:
@@ -90,19 +90,31 @@ def compute_ranking(run: LoadedRun, cfg: PruneConfig, method: str) -> Ranking:
     return Ranking(method, table, score_column(method), seconds, "computed", settings=settings_of(scfg))
 
 
-def read_scores_dir(scores_dir: Path, run_dir: Path, kind: str) -> Ranking:
-    """The ranking stored by ``metaif score`` in ``scores_dir`` (its method from ``score.json``)."""
+def read_scores_dir(scores_dir: Path, run: LoadedRun, kind: str) -> Ranking:
+    """The ranking stored by ``metaif score`` in ``scores_dir`` (its method from ``score.json``).
+
+    Every file is checked: a missing, truncated or damaged ``score.json`` or score table
+    is refused in one line naming it (never ranked on partial rows).
+    """
+    run_dir = run.run_dir
     summary_path = scores_dir / C.SCORE_JSON
     if not summary_path.exists():
         raise MetaifError(f"{scores_dir} holds no {C.SCORE_JSON}; pass scores=<a directory written by metaif score>")
-    summary = load_json(summary_path)
+    fix = f"rerun the metaif score command that wrote {scores_dir} (or pass no scores=)"
+    summary = load_json(summary_path, fix, keys=("run", "method", "total_seconds"))
     if Path(summary["run"]).resolve() != run_dir.resolve():
         raise MetaifError(f"the scores in {scores_dir} were computed for run={summary['run']}, not {run_dir}; "
                           "pass the matching run= or score this run first")
     method = summary["method"]
     tasks_path, inst_path = scores_dir / C.TASK_SCORES_CSV, scores_dir / C.INSTANCE_SCORES_CSV
-    tasks_df = pd.read_csv(tasks_path) if kind == "task" and tasks_path.exists() else None
-    inst_df = pd.read_csv(inst_path) if kind != "task" and inst_path.exists() else None
+    pool = run.exp.pools["train"]
+    col = score_column(method)
+    tasks_df = inst_df = None
+    if kind == "task" and tasks_path.exists():
+        tasks_df = read_csv(tasks_path, fix, columns=("task_id", col, "rank", "corrupted"), rows=len(pool))
+    if kind != "task" and inst_path.exists():
+        inst_df = read_csv(inst_path, fix, columns=("task_id", "role", "position", col, "rank", "corrupted"),
+                           rows=len(pool) * (pool.spt_idx.shape[1] + pool.qry_idx.shape[1]))
     table = table_of(tasks_df, inst_df, method, kind)
     return Ranking(method, table, score_column(method), float(summary["total_seconds"]), str(scores_dir),
                    settings=summary.get("settings"))
@@ -123,9 +135,15 @@ def load_ranking(out_dir: Path, method: str, settings: dict | None) -> Ranking |
     meta_path, csv_path = folder / f"{method}.json", folder / f"{method}.csv"
     if not (meta_path.exists() and csv_path.exists()):
         return None
-    meta = load_json(meta_path)
-    if meta.get("settings") != settings:
-        log.info("cached ranking of %s was made with other settings; recomputing", method)
+    fix = "it is computed again"
+    try:
+        meta = load_json(meta_path, fix, keys=("column", "seconds", "source"))
+        if meta.get("settings") != settings:
+            log.info("cached ranking of %s was made with other settings; recomputing", method)
+            return None
+        table = read_csv(csv_path, fix, columns=("unit_id", meta["column"], "rank", "corrupted"))
+    except MetaifError as exc:  # our own cache: recompute it
+        log.warning("%s", exc)
         return None
-    table = pd.read_csv(csv_path).rename(columns={meta["column"]: "score"})
+    table = table.rename(columns={meta["column"]: "score"})
     return Ranking(method, table, meta["column"], float(meta["seconds"]), meta["source"], meta.get("limit"), settings)

@@ -79,36 +79,32 @@ def detection_curve(
     return _curve_from_order(order, corrupted)
 
 
-def random_detection_curve(
-    n: int, corrupted: np.ndarray, generator_seed: int, repeats: int = 20
-) -> tuple[np.ndarray, np.ndarray]:
-    """Expected detection curve of a random inspection order.
+def random_detection_curve(n: int, corrupted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Expected detection curve of a random inspection order: exactly the diagonal.
+
+    Inspecting ``k`` of ``n`` units in a uniformly random order finds, in expectation,
+    ``k / n`` of the corrupted ones (each unit is among the first ``k`` with probability
+    ``k / n``), so ``E[y_k] = x_k``: no permutations need drawing.
 
     Args:
         n: number of units (must equal ``len(corrupted)``).
         corrupted: ``[n]`` boolean corruption flags.
-        generator_seed: seed of the numpy generator drawing the permutations.
-        repeats: number of random permutations averaged.
 
     Returns:
-        ``(x, y)`` as in :func:`detection_curve`, ``y`` the mean over ``repeats``
-        seeded permutations.
+        ``(x, y)`` as in :func:`detection_curve`: ``y = x``, or all NaN when no unit is
+        corrupted.
     """
     corrupted = np.asarray(corrupted).reshape(-1).astype(bool)
     if corrupted.size != n:
         raise ValueError(f"n={n} but corrupted has {corrupted.size} entries; they must match.")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    rng = np.random.default_rng(generator_seed)
-    ys = [_curve_from_order(rng.permutation(n), corrupted)[1] for _ in range(repeats)]
     x = np.arange(n + 1, dtype=np.float64) / max(n, 1)
-    return x, np.mean(ys, axis=0)
+    return x, (x.copy() if corrupted.any() else np.full(n + 1, np.nan))
 
 
 def roc_auc(harmfulness: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC of ``harmfulness`` for predicting ``positive`` (Mann-Whitney U).
+    """ROC AUC of ``harmfulness`` for predicting ``positive`` (``sklearn.metrics.roc_auc_score``).
 
-    Ties get average ranks, i.e. a tied (positive, negative) pair counts one half.
+    Ties count one half per tied (positive, negative) pair.
 
     Args:
         harmfulness: ``[n]`` scores, higher = more likely positive.
@@ -117,22 +113,20 @@ def roc_auc(harmfulness: np.ndarray, positive: np.ndarray) -> float:
     Returns:
         The AUC in [0, 1], NaN when there are no positives or no negatives.
     """
+    from sklearn.metrics import roc_auc_score
+
     harmfulness, positive = _as_scores_and_labels(harmfulness, positive)
     n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == positive.size:
         return float("nan")
-    ranks = stats.rankdata(harmfulness, method="average")
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(positive, harmfulness))
 
 
 def average_precision(harmfulness: np.ndarray, positive: np.ndarray) -> float:
-    """Average precision of ``harmfulness`` for predicting ``positive``.
+    """Average precision of ``harmfulness`` for ``positive`` (``sklearn.metrics.average_precision_score``).
 
-    ``AP = sum_t (R_t - R_{t-1}) P_t`` over the distinct score thresholds ``t`` in
-    decreasing order (the step-wise definition, as in scikit-learn): tied units enter
-    together, so the result does not depend on their order.
+    ``AP = sum_t (R_t - R_{t-1}) P_t`` over the distinct score thresholds in decreasing
+    order: tied units enter together, so the result does not depend on their order.
 
     Args:
         harmfulness: ``[n]`` scores, higher = more likely positive.
@@ -141,19 +135,12 @@ def average_precision(harmfulness: np.ndarray, positive: np.ndarray) -> float:
     Returns:
         The AP in [0, 1], NaN when there are no positives.
     """
+    from sklearn.metrics import average_precision_score
+
     harmfulness, positive = _as_scores_and_labels(harmfulness, positive)
-    n_pos = int(positive.sum())
-    if n_pos == 0:
+    if not positive.any():
         return float("nan")
-    order = np.argsort(-harmfulness, kind="stable")
-    h = harmfulness[order]
-    y = positive[order].astype(np.float64)
-    # Last index of every block of tied scores: thresholds between distinct values.
-    ends = np.r_[np.flatnonzero(np.diff(h) != 0), h.size - 1]
-    tps = np.cumsum(y)[ends]
-    precision = tps / (ends + 1)
-    recall = tps / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(positive, harmfulness))
 
 
 def detection_summary(

@@ -70,6 +70,7 @@ def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = No
     def make(direct: bool = False) -> Problem:
         problem = build_problem(run, cfg, direct=direct)
         problem.rank, problem.world = rank, world
+        problem.progress = cfg.progress
         return problem
 
     if cfg.method == "tracin":

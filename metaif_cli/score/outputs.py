@@ -99,7 +99,7 @@ def write_plots(out_dir: Path, method: str, tasks_df: pd.DataFrame | None, inst_
             out_dir / C.SCORE_DISTRIBUTION_PNG.format(unit=unit), f"{unit} scores ({method})"))
         if corrupted.any() and not corrupted.all():
             curves = {method: detection_curve(df[col].to_numpy(), corrupted),
-                      "random": random_detection_curve(len(df), corrupted, 0)}
+                      "random": random_detection_curve(len(df), corrupted)}
             written.append(score_plots.plot_detection_curve(curves, out_dir / C.DETECTION_CURVE_PNG.format(unit=unit),
                                                       f"corrupted {unit}s found ({method})",
                                                       corrupted_fraction=float(corrupted.mean())))

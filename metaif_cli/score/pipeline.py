@@ -21,11 +21,11 @@ from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores
-from metaif_cli.io import load_json, save_json, save_torch
+from metaif_cli.io import clean_stale_temporaries, load_json, load_torch, save_json, save_torch
 from metaif_cli.score.config import ScoreConfig, parse_shard, parse_unit_ref, settings_of
 from metaif_cli.score.outputs import detection, instance_table, task_table, write_plots, write_tables
 from metaif_cli.score.methods import pred_delta_lam, run_method
-from metaif_cli.score.run import LoadedRun, load_run
+from metaif_cli.score.run import LoadedRun, load_run, read_tasks_csv
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 def check_settings(out_dir: Path, cfg: ScoreConfig) -> None:
     """Refuse to mix scores of different settings in one directory unless ``overwrite=true``."""
     path = out_dir / C.SCORE_SETTINGS_JSON
-    if path.exists() and not cfg.overwrite and load_json(path) != settings_of(cfg):
+    if path.exists() and not cfg.overwrite and load_json(
+            path, "delete it, or pass overwrite=true") != settings_of(cfg):
         raise MetaifError(f"{out_dir} holds scores computed with other settings; pass overwrite=true to replace "
                           "them or choose another hydra.run.dir")
     save_json(settings_of(cfg), path)
@@ -68,6 +69,7 @@ def score(cfg: ScoreConfig, out_dir: Path) -> dict:
     rank, world = _distributed()
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(out_dir)  # left by a killed earlier run
         check_settings(out_dir, cfg)
     run = load_run(Path(cfg.run), cfg.device, cfg.dtype)
     n = len(run.exp.pools["train"])
@@ -84,7 +86,7 @@ def score(cfg: ScoreConfig, out_dir: Path) -> dict:
         if rank != 0:
             return {}
     elif k > 1:
-        save_torch({"scores": out.scores, "index": index, "settings": settings_of(cfg), "s": out.s,
+        save_torch({"scores": dict(out.scores.__dict__), "index": index, "settings": settings_of(cfg), "s": out.s,
                     "seconds": out.seconds}, out_dir / C.SHARD_DIR / f"shard_{i}_of_{k}.pt")
         merged = _merge_shards(out_dir, k, cfg)
         if merged is None:
@@ -98,18 +100,19 @@ def _merge_shards(out_dir: Path, k: int, cfg: ScoreConfig) -> UnitScores | None:
     paths = [out_dir / C.SHARD_DIR / f"shard_{j}_of_{k}.pt" for j in range(k)]
     if not all(p.exists() for p in paths):
         return None
-    parts = [torch.load(p, weights_only=False) for p in paths]
+    fix = f"delete it and rerun that shard (shard=i/{k})"
+    parts = [load_torch(p, fix, keys=("scores", "settings")) for p in paths]
     if any(p["settings"] != settings_of(cfg) for p in parts):
         raise MetaifError(f"the shards in {out_dir / C.SHARD_DIR} were computed with different settings; "
                           "delete them and rerun every shard")
-    return UnitScores(*(torch.cat([p["scores"].__dict__[f] for p in parts]) for f in ("task", "query", "support")))
+    return UnitScores(*(torch.cat([p["scores"][f] for p in parts]) for f in ("task", "query", "support")))
 
 
 def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, out_dir: Path) -> dict:
     """CSV tables, ``ihvp.pt``, ``pred_delta_lam.pt``, plots and ``score.json``."""
     import pandas as pd
 
-    tasks_csv = pd.read_csv(run.run_dir / C.TASKS_CSV)
+    tasks_csv = read_tasks_csv(run)
     tasks_df = task_table(out.scores, tasks_csv, cfg.method) if cfg.unit in ("task", "all") else None
     inst_df = instance_table(out.scores, tasks_csv, cfg.method) if cfg.unit in ("instance", "all") else None
     write_tables(out_dir, tasks_df, inst_df)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from metaif_cli import constants as C
+from metaif_cli.io import load_torch, read_csv
 from metaif_cli.meta.params import FlatSpec
 from metaif_cli.train.config import TrainConfig
 from metaif_cli.train.experiment import Experiment, build_experiment, config_from_dict
@@ -47,12 +48,24 @@ def load_run(run_dir: Path, device: str | None = None, dtype: str | None = None)
     return LoadedRun(run_dir, train_cfg, exp, lam, saved.get("weights", ones))
 
 
+TASKS_COLUMNS = ("task_id", "split", "role", "position", "instance_id", "class", "label", "true_label",
+                 "corrupted", "task_corrupted")
+
+
+def read_tasks_csv(run: LoadedRun):
+    """The run's ``tasks.csv``, checked against its pools (a truncated or damaged file is refused)."""
+    rows = sum(len(p) * (p.spt_idx.shape[1] + p.qry_idx.shape[1]) for p in run.exp.pools.values())
+    return read_csv(run.run_dir / C.TASKS_CSV, f"rerun the metaif train command that wrote {run.run_dir} "
+                    "to rewrite it", columns=TASKS_COLUMNS, rows=rows)
+
+
 def tracin_checkpoints(run: LoadedRun) -> list[tuple[torch.Tensor, float]]:
     """``(theta_c, lr_c)`` of every intermediate checkpoint kept by training."""
     spec = FlatSpec.of(run.lam)
     out = []
     for path in sorted((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
-        saved = torch.load(path, weights_only=False)
+        saved = load_torch(path, "an intermediate checkpoint is only written while training: train again into "
+                           "a new directory, or choose another method than tracin", keys=("lam", "lr"))
         out.append((spec.flatten({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()}),
                     float(saved["lr"])))
     return out

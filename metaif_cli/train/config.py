@@ -18,6 +18,7 @@ from metaif_cli.checks import choice, positive
 from metaif_cli.data.config import CorruptionConfig, DataConfig, DatasetConfig
 from metaif_cli.meta.config import MetaConfig
 from metaif_cli.models.config import ModelConfig
+from metaif_cli.train.loggers import LoggerConfig
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def __post_init__(self) -> None:
         choice("device", self.device, ("auto", "cpu", "cuda"))

@@ -25,6 +25,7 @@ from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.models.config import ModelConfig
 from metaif_cli.models.networks import MetaModel, build_model, params_of
 from metaif_cli.train.config import OptimConfig, TrainConfig
+from metaif_cli.train.loggers import LoggerConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,6 @@ def config_dict(cfg: TrainConfig) -> dict:
 def config_from_dict(data: dict) -> TrainConfig:
     """Rebuild a :class:`TrainConfig` saved by :func:`config_dict` (validated again)."""
     parts = {"data": DataConfig, "dataset": DatasetConfig, "corruption": CorruptionConfig, "model": ModelConfig,
-             "meta": MetaConfig, "optim": OptimConfig}
+             "meta": MetaConfig, "optim": OptimConfig, "logger": LoggerConfig}
     kwargs = {k: (parts[k](**v) if k in parts else v) for k, v in data.items()}
     return TrainConfig(**kwargs)

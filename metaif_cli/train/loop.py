@@ -19,15 +19,17 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 import metaif_cli
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.train.experiment import Experiment, config_dict
-from metaif_cli.io import load_json, save_csv, save_json, save_torch
+from metaif_cli.io import (clean_stale_temporaries, load_json, load_torch, read_csv, save_csv, save_json,
+                          save_torch)
 from metaif_cli.meta.params import Params
+from metaif_cli.progress import bar as progress_bar
 from metaif_cli.reports.intervals import mean_ci95
+from metaif_cli.train.loggers import make_logger
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +108,63 @@ def _state(step, lam, opt, gen, metrics, elapsed, exp, weights, setup) -> dict:
 
 def _same_setup(saved: dict, exp: Experiment, weights: PoolWeights, setup: dict) -> bool:
     """Same config (but for display and device), same weights, same steps and start."""
-    ignore = {"progress", "device"}
+    ignore = {"progress", "device", "logger"}  # display only: they do not change the result
     a = {k: v for k, v in saved["config"].items() if k not in ignore}
     b = {k: v for k, v in config_dict(exp.cfg).items() if k not in ignore}
     return (a == b and saved.get("setup") == setup
             and all(torch.equal(saved["weights"][k], t) for k, t in weights.as_dict().items()))
+
+
+RETRAIN_FIX = "rerun the same metaif train command to rewrite it"
+
+
+def _finished_results(run_dir: Path, exp: Experiment, weights: PoolWeights, setup: dict) -> dict | None:
+    """``results.json`` when ``run_dir`` holds this very run, finished and intact; else None.
+
+    A damaged or missing ``model.pt``, ``results.json`` or ``metrics.csv`` makes the run
+    unfinished: it is completed again from its last checkpoint.
+    """
+    paths = [run_dir / n for n in (C.RESULTS_JSON, C.MODEL_PT, C.METRICS_CSV)]
+    if not all(p.exists() for p in paths):
+        return None
+    try:
+        model = load_torch(run_dir / C.MODEL_PT, RETRAIN_FIX, keys=("config", "lam", "weights"))
+        results = load_json(run_dir / C.RESULTS_JSON, RETRAIN_FIX, keys=("test_acc",))
+        read_csv(run_dir / C.METRICS_CSV, RETRAIN_FIX, columns=("step", "train_loss"), rows=setup["steps"])
+    except MetaifError as exc:
+        log.warning("%s; completing the run again from its last checkpoint", exc)
+        return None
+    return results if _same_setup(model, exp, weights, setup) else None
+
+
+def _resume_state(run_dir: Path, exp: Experiment, weights: PoolWeights, setup: dict) -> dict | None:
+    """The newest intact checkpoint of this run (``checkpoint_last.pt``, else ``checkpoint_prev.pt``).
+
+    A damaged checkpoint is skipped with a warning (and removed, so it is not kept as the
+    previous one); when every checkpoint present is damaged, training cannot resume and
+    one line says so. Returns None for a fresh run.
+    """
+    present = [p for p in (run_dir / C.CHECKPOINT_LAST, run_dir / C.CHECKPOINT_PREV) if p.exists()]
+    damaged = []
+    for path in present:
+        try:
+            saved = load_torch(path, RETRAIN_FIX, keys=("config", "step", "lam", "optimizer", "generator",
+                                                          "metrics", "elapsed", "weights"))
+        except MetaifError as exc:
+            log.warning("%s; trying the previous checkpoint", exc)
+            damaged.append(path)
+            continue
+        if not _same_setup(saved, exp, weights, setup):
+            raise MetaifError(f"{run_dir} holds a run with different settings; choose another hydra.run.dir "
+                              "or delete that directory")
+        for bad in damaged:
+            bad.unlink()
+        return saved
+    if damaged:
+        names = " and ".join(str(p) for p in damaged)
+        raise MetaifError(f"cannot resume {run_dir}: {names} damaged and no earlier good checkpoint; "
+                          f"delete {run_dir} and rerun the command to train from the start")
+    return None
 
 
 def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, init_lam: Params | None = None,
@@ -131,21 +185,20 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     weights = weights or PoolWeights.ones(n, s, q)
     steps = steps or o.steps
     results_path, last_path = run_dir / C.RESULTS_JSON, run_dir / C.CHECKPOINT_LAST
+    prev_path = run_dir / C.CHECKPOINT_PREV
     setup = {"steps": steps, "init": _init_digest(init_lam)}
-    if results_path.exists() and last_path.exists():
-        if _same_setup(torch.load(last_path, weights_only=False), exp, weights, setup):
-            log.info("run in %s is complete; nothing to do", run_dir)
-            return load_json(results_path)
+    clean_stale_temporaries(run_dir)
+    finished = _finished_results(run_dir, exp, weights, setup)
+    if finished is not None:
+        log.info("run in %s is complete; nothing to do", run_dir)
+        return finished
     lam = {k: v.clone() for k, v in (init_lam or exp.initial_params()).items()}
     leaves = [t.requires_grad_(False) for t in lam.values()]
     opt = _make_optimizer(leaves, exp)
     gen = batch_generator(cfg)
     start, metrics, elapsed = 0, [], 0.0
-    if last_path.exists():
-        saved = torch.load(last_path, weights_only=False)
-        if not _same_setup(saved, exp, weights, setup):
-            raise MetaifError(f"{run_dir} holds a run with different settings; choose another hydra.run.dir "
-                              "or delete that directory")
+    saved = _resume_state(run_dir, exp, weights, setup)
+    if saved is not None:
         for k in lam:
             lam[k].copy_(saved["lam"][k].to(lam[k]))
         opt.load_state_dict(saved["optimizer"])
@@ -155,8 +208,8 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     keep = set(checkpoint_steps(steps, o.num_checkpoints))
     images = exp.images
     w, u, v = (t.to(exp.device, exp.dtype) for t in (weights.w, weights.u, weights.v))
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="meta-train", disable=not cfg.progress,
-               dynamic_ncols=True)
+    logger = make_logger(cfg.logger, run_dir, start)
+    bar = progress_bar(range(start, steps), initial=start, total=steps, desc="meta-train", enabled=cfg.progress)
     t0 = time.perf_counter()
     for step in bar:
         idx = draw_batch(gen, n, o.meta_batch_size)
@@ -178,6 +231,7 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
         else:
             bar.set_postfix(loss=f"{loss:.3f}")
         metrics.append(row)
+        logger.log(done, {**row, "lr": opt.param_groups[0]["lr"]})
         if done in keep:
             # the optimiser state lets method=trajectory replay the run segment by segment
             save_torch({"step": done, "lam": {k: t.detach().cpu() for k, t in lam.items()},
@@ -185,17 +239,25 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
                        run_dir / C.CHECKPOINT_DIR / f"step_{done:06d}.pt")
         if done % o.checkpoint_every == 0 or done == steps:
             now = elapsed + time.perf_counter() - t0
-            save_torch(_state(done, lam, opt, gen, metrics, now, exp, weights, setup), last_path)
+            # the previous good state is kept as checkpoint_prev.pt, should this one be damaged
+            save_torch(_state(done, lam, opt, gen, metrics, now, exp, weights, setup), last_path, prev_path)
             save_csv(pd.DataFrame(metrics), run_dir / C.METRICS_CSV)
     elapsed += time.perf_counter() - t0
     bar.close()
-    return _finish(exp, run_dir, lam, elapsed, steps, weights)
+    logger.close()
+    return _finish(exp, run_dir, lam, elapsed, steps, weights, setup, metrics)
 
 
-def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: int, weights: PoolWeights) -> dict:
-    """Evaluate on the meta-test pool and write ``model.pt`` and ``results.json``."""
+def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: int, weights: PoolWeights,
+            setup: dict, metrics: list[dict]) -> dict:
+    """Evaluate on the meta-test pool and write ``metrics.csv``, ``model.pt`` and ``results.json``.
+
+    ``metrics.csv`` is written again here: a run killed between its last checkpoint and
+    its ``metrics.csv`` resumes at the final step, and must still end with every row.
+    """
+    save_csv(pd.DataFrame(metrics), run_dir / C.METRICS_CSV)
     test = evaluate_split(exp, lam, "test")
-    save_torch({"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg),
+    save_torch({"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg), "setup": setup,
                 "lam": {k: v.detach().cpu() for k, v in lam.items()}, "weights": weights.as_dict(),
                 "model_args": {"image_shape": list(exp.dataset.image_shape), "ways": exp.cfg.dataset.ways}},
                run_dir / C.MODEL_PT)
@@ -219,7 +281,9 @@ def load_trained(run_dir: Path) -> dict:
     if not path.exists() or not (run_dir / C.RESULTS_JSON).exists():
         raise MetaifError(f"{run_dir} holds no finished training run ({C.MODEL_PT} or {C.RESULTS_JSON} missing); "
                           "finish it by rerunning the same metaif train command")
-    saved = torch.load(path, weights_only=False)
+    saved = load_torch(path, f"rerun the metaif train command that wrote {run_dir} to rewrite it",
+                       keys=("config", "lam", "model_args"))
+    load_json(run_dir / C.RESULTS_JSON, f"rerun the metaif train command that wrote {run_dir} to rewrite it")
     if saved.get("format_version") != C.FORMAT_VERSION:
         raise MetaifError(f"{path} was written by an incompatible metaif version "
                           f"(format {saved.get('format_version')}, expected {C.FORMAT_VERSION}); retrain it")
