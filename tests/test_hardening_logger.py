@@ -11,7 +11,7 @@ from metaif_cli import constants as C
 from metaif_cli.train.command import run_train
 from metaif_cli.errors import MetaifError
 from metaif_cli.meta.learner import MetaLearner
-from metaif_cli.train_logger import LoggerConfig
+from metaif_cli.train.loggers import LoggerConfig
 from test_train import _train_cfg, typed_config
 
 STEPS = ["optim.steps=6", "optim.checkpoint_every=2", "optim.eval_every=3", "optim.lr=0.002"]

@@ -9,6 +9,7 @@ the same with a real ``pip install`` into a fresh virtual environment.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,8 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    # build from a copy of the sources: an in-tree build/ would keep stale modules of earlier builds
+    src = tmp_path_factory.mktemp("src")
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("conf", "metaif_cli"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                          str(out), str(REPO)], capture_output=True, text=True, timeout=600,
+                          str(out), str(src)], capture_output=True, text=True, timeout=600,
                          cwd=tmp_path_factory.mktemp("cwd"))
     assert res.returncode == 0, res.stderr
     (whl,) = out.glob("metaif-*.whl")
