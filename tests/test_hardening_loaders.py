@@ -440,3 +440,11 @@ def test_decoder_error_gzip_and_idx_damage(tmp_path, damage):
     with pytest.raises(MetaifError) as exc:
         load_mnist(tmp_path)
     _assert_corrupt(exc, path)
+
+
+def test_decoder_error_truncated_omniglot_cache_is_rebuilt(tmp_path):
+    _omniglot_dir(tmp_path, [_stroke_png(1), _stroke_png(2)])
+    ref = load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("*.pt")
+    cache.write_bytes(cache.read_bytes()[:100])
+    assert torch.equal(load_omniglot(tmp_path, cache_dir=tmp_path / "cache").images, ref.images)

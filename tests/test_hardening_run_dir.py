@@ -269,3 +269,13 @@ def test_damaged_run_directory_shard_file(tmp_path):
     with pytest.raises(MetaifError) as exc:
         _merge_shards(tmp_path, 2, ScoreConfig(run="x"))
     _one_line(exc, tmp_path / C.SHARD_DIR / "shard_0_of_2.pt", "rerun that shard")
+
+
+def test_damaged_run_directory_score_settings_json(tmp_path):
+    from metaif_cli.score.config import ScoreConfig
+    from metaif_cli.score.pipeline import check_settings
+
+    (tmp_path / C.SCORE_SETTINGS_JSON).write_text('{"method": "if", ')
+    with pytest.raises(MetaifError) as exc:
+        check_settings(tmp_path, ScoreConfig(run="x"))
+    _one_line(exc, tmp_path / C.SCORE_SETTINGS_JSON, "corrupt or unreadable", "overwrite=true")
