@@ -18,6 +18,7 @@ import torch
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence.compute import ScoreOutput
+from metaif_cli.io import load_torch
 from metaif_cli.meta.params import Params
 from metaif_cli.meta.tasks import TaskBatch
 from metaif_cli.score.config import ScoreConfig
@@ -47,7 +48,8 @@ def trak_checkpoints(run, count: int) -> list[Params]:
                           f"use trak.num_checkpoints<={len(paths) + 1} or retrain with optim.num_checkpoints>={count - 1}")
     out = [run.lam]
     for path in reversed(paths[len(paths) - (count - 1):] if count > 1 else []):
-        saved = torch.load(path, weights_only=False)
+        saved = load_torch(path, "an intermediate checkpoint is only written while training: train again into "
+                           "a new directory, or lower trak.num_checkpoints", keys=("lam",))
         out.append({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()})
     return out
 
