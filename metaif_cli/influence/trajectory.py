@@ -30,7 +30,6 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 from torch.func import vjp
-from tqdm.auto import tqdm
 
 from metaif_cli.checks import positive
 from metaif_cli.errors import MetaifError
@@ -39,6 +38,8 @@ from metaif_cli.influence.trajectory_step import OptimSpec, OptState, make_step
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import Params
 from metaif_cli.meta.tasks import TaskBatch
+from metaif_cli.progress import bar as progress_bar
+from metaif_cli.progress import finish
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def trajectory_scores(run: RecordedRun, eval_grad: EvalGrad, segment: int | None
     d_w, d_u, d_v = (torch.zeros_like(t) for t in (train.w, train.u, train.v))
     adjoint, eval_value, lam_final = None, math.nan, {}
     times = {"forward": 0.0, "reverse": 0.0, "eval_grad": 0.0}
-    bar = tqdm(total=run.steps, desc="trajectory", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=run.steps, desc="trajectory", enabled=progress)
     for a, b in reversed(segments):
         t0 = time.perf_counter()
         z, count = replay.start(a, starts)
@@ -187,7 +188,7 @@ def trajectory_scores(run: RecordedRun, eval_grad: EvalGrad, segment: int | None
             bar.update(1)
         del pulls
         times["reverse"] += time.perf_counter() - t0
-    bar.close()
+    finish(bar)
     if not all(torch.isfinite(t).all() for t in (d_w, d_u, d_v)):
         raise MetaifError("trajectory influence produced NaN or inf: the recorded run diverged or is broken; "
                           "check its metrics.csv, or score in dtype=float64")

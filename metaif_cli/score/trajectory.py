@@ -18,6 +18,7 @@ import torch
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
+from metaif_cli.io import load_torch
 from metaif_cli.influence.compute import ScoreOutput
 from metaif_cli.influence.problem import Problem
 from metaif_cli.influence.trajectory import RecordedRun, trajectory_scores
@@ -63,7 +64,8 @@ def recorded_run(run: LoadedRun) -> tuple[RecordedRun, bool]:
     if not last_path.exists():
         raise MetaifError(f"{run_dir} has no {C.CHECKPOINT_LAST}; method=trajectory replays the training run "
                           "and needs the run directory metaif train wrote")
-    setup = torch.load(last_path, weights_only=False, map_location="cpu").get("setup") or {}
+    fix = f"method=trajectory replays the checkpoints metaif train wrote in {run_dir}: train again into a new directory"
+    setup = load_torch(last_path, fix).get("setup") or {}
     if setup.get("init") is not None:
         raise MetaifError(f"{run_dir} was warm-started from other parameters; method=trajectory scores runs "
                           "trained from their seeded initialisation")
@@ -73,7 +75,7 @@ def recorded_run(run: LoadedRun) -> tuple[RecordedRun, bool]:
     states = {0: OptState(0, {k: t.detach() for k, t in init.items()})}
     saved_optimizer, complete = None, True
     for path in sorted((run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
-        saved = torch.load(path, weights_only=False, map_location="cpu")
+        saved = load_torch(path, fix, keys=("step", "lam"))
         if "optimizer" not in saved:
             complete = False
             continue
