@@ -14,7 +14,6 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
