@@ -42,7 +42,7 @@ from metaif_cli.data.registry import load_dataset
 from metaif_cli.errors import MetaifError
 from metaif_cli.importer.run import lam_from_state_dict, write_run_dir
 from metaif_cli.importer.weights import read_state_dict, strip_prefixes
-from metaif_cli.io import load_json
+from metaif_cli.io import load_json, load_torch, read_csv
 from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.tasks import TaskBatch
 from metaif_cli.models.config import ModelConfig
@@ -255,10 +255,13 @@ def load_scores(score_dir: str | Path) -> Scores:
     if not (score_dir / C.SCORE_JSON).exists():
         raise MetaifError(f"{score_dir} holds no finished scores ({C.SCORE_JSON} missing); run metaif score first")
 
+    fix = f"rerun the metaif score command that wrote {score_dir}"
+
     def table(name: str) -> pd.DataFrame | None:
-        return pd.read_csv(score_dir / name) if (score_dir / name).exists() else None
+        path = score_dir / name
+        return read_csv(path, fix, columns=("task_id", "rank", "corrupted")) if path.exists() else None
 
     ihvp_path = score_dir / C.IHVP_PT
-    ihvp = torch.load(ihvp_path, weights_only=True)["s"] if ihvp_path.exists() else None
-    return Scores(table(C.TASK_SCORES_CSV), table(C.INSTANCE_SCORES_CSV), ihvp, load_json(score_dir / C.SCORE_JSON),
-                  score_dir)
+    ihvp = load_torch(ihvp_path, fix, keys=("s",))["s"] if ihvp_path.exists() else None
+    return Scores(table(C.TASK_SCORES_CSV), table(C.INSTANCE_SCORES_CSV), ihvp,
+                  load_json(score_dir / C.SCORE_JSON, fix), score_dir)

@@ -448,3 +448,40 @@ def test_decoder_error_truncated_omniglot_cache_is_rebuilt(tmp_path):
     (cache,) = (tmp_path / "cache").glob("*.pt")
     cache.write_bytes(cache.read_bytes()[:100])
     assert torch.equal(load_omniglot(tmp_path, cache_dir=tmp_path / "cache").images, ref.images)
+
+
+# ====================================================================== the folder dataset (issue 12)
+
+
+def _folder(root: Path, pngs: dict[str, list[bytes]]) -> Path:
+    for cls, datas in pngs.items():
+        (root / cls).mkdir(parents=True)
+        for i, data in enumerate(datas):
+            (root / cls / f"{i:03d}.png").write_bytes(data)
+    return root
+
+
+def test_silent_cast_folder_16bit_png_scaled_not_clipped(tmp_path):
+    from metaif_cli.data.folder import load_folder
+
+    grey = np.full((16, 16), 20000, dtype=np.uint16)
+    ds = load_folder(_folder(tmp_path, {"a": [_png(grey)], "b": [_png(grey // 2)]}), image_size=16, channels=1)
+    assert torch.allclose(ds.images[0], torch.full((1, 16, 16), 20000 / 65535), atol=1 / 255)
+
+
+@pytest.mark.parametrize("damage", ["idat_crc", "truncated", "not_png"])
+def test_decoder_error_folder_png_damage(tmp_path, damage):
+    from metaif_cli.data.folder import load_folder
+
+    data = bytearray(_stroke_png())
+    idat = data.find(b"IDAT")
+    if damage == "idat_crc":
+        data[idat + 10] ^= 0xFF
+    elif damage == "truncated":
+        data = data[: len(data) * 2 // 3]
+    else:
+        data = bytearray(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    root = _folder(tmp_path, {"a": [_stroke_png(1)], "b": [bytes(data)]})
+    with pytest.raises(MetaifError) as exc:
+        load_folder(root, image_size=8, channels=1)
+    _assert_corrupt(exc, root / "b" / "000.png")

@@ -51,11 +51,29 @@ def _kill_at(monkeypatch, n: int) -> list[str]:
     return seen
 
 
+def _assert_same_tensors(x, y) -> None:
+    if isinstance(x, dict):
+        assert x.keys() == y.keys()
+        for k in x:
+            _assert_same_tensors(x[k], y[k])
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y)
+        for i, j in zip(x, y):
+            _assert_same_tensors(i, j)
+    elif isinstance(x, torch.Tensor):
+        assert torch.equal(x, y.to(x.dtype)), (x, y)
+    else:
+        assert float(x) == float(y) if isinstance(x, (int, float)) else x == y
+
+
 def _assert_same_run(a: Path, b: Path) -> None:
     fa, fb = _files(a), _files(b)
     assert sorted(fa) == sorted(fb)
     for name in fa:
         if Path(name).name in TIMED:
+            continue
+        if name.startswith(C.CHECKPOINT_DIR):  # hold optimiser state since method=trajectory: compared by value
+            _assert_same_tensors(torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True))
             continue
         assert fa[name] == fb[name], f"{name} differs"
     for name in (C.CHECKPOINT_LAST, C.CHECKPOINT_PREV):

@@ -128,7 +128,7 @@ def _bad_folders(root: Path, digits: Path) -> dict[str, Path]:
 
 BAD = {  # name: (command and overrides without paths, fragment of the one-line error)
     "unreadable_image": (["train", *FOLDER, "dataset.path={unreadable}"],
-                         "cannot decode image {unreadable}/digit4/00999.png"),
+                         "corrupt or unreadable: {unreadable}/digit4/00999.png"),
     "class_with_too_few_images": (["train", *FOLDER, "dataset.path={few}"],
                                   "class 'digit7' ({few}/digit7) has 1 images"),
     "empty_folder": (["train", *FOLDER, "dataset.path={empty}"], "{empty} holds no class subfolders"),

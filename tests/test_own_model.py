@@ -204,7 +204,7 @@ def test_folder_bad_inputs_name_the_file_or_class(tmp_path, digit_folder):
         load_folder(tmp_path / "d", image_size=8, channels=1, min_per_class=5)
     bad = tmp_path / "d" / "digit1" / "broken.png"
     bad.write_bytes(b"not a png at all")
-    with pytest.raises(MetaifError, match="cannot decode image .*broken.png"):
+    with pytest.raises(MetaifError, match="corrupt or unreadable: .*broken.png"):
         load_folder(tmp_path / "d", image_size=8, channels=1)
 
 

@@ -88,7 +88,7 @@ def test_torchrun_two_processes_equal_single_process(train_run, tmp_path):
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-8, atol=1e-14)
 
 
-@pytest.mark.parametrize("method", ["random", "loss", "direct_if", "grad_sim", "tracin"])
+@pytest.mark.parametrize("method", ["random", "loss", "direct_if", "grad_sim", "tracin", "trajectory"])
 def test_baselines_run(train_run, tmp_path, method):
     res = score(train_run, tmp_path / method, f"method={method}", "plots=false")
     assert res.returncode == 0, res.stderr

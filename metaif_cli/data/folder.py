@@ -22,9 +22,12 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from metaif_cli.data.base import ImageDataset
+from metaif_cli.data.decode import corrupt, pil_to_uint8
 from metaif_cli.errors import MetaifError
 
 log = logging.getLogger(__name__)
+
+FIX = "replace or delete it"
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLIT_DIRS = ("train", "val", "test")
@@ -83,14 +86,20 @@ def list_folder(path: Path) -> tuple[list[str], list[tuple[str, int]], dict[str,
 
 
 def _open(file: str, mode: str | None) -> Image.Image:
-    """The image, converted to ``mode`` (``L`` grey, ``RGB``) unless ``None``; a bad file is named."""
+    """The image, converted to ``mode`` (``L`` grey, ``RGB``) unless ``None``; a bad file is named.
+
+    16-bit and float images are scaled to 8 bits by their range (``convert`` alone clips them
+    to white); any decoder error (PIL's OSError or SyntaxError, zlib, a decompression bomb)
+    ends in ``corrupt or unreadable: <file>``.
+    """
     try:
         with Image.open(file) as img:
             img.load()
-            return img.convert(mode) if mode else img.copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        reason = " ".join(str(exc).split())[:120]
-        raise MetaifError(f"cannot decode image {file} ({reason}); replace or delete it") from None
+            return Image.fromarray(pil_to_uint8(img, mode, file, FIX)) if mode else img.copy()
+    except MetaifError:
+        raise
+    except Exception as exc:
+        raise corrupt(file, exc, FIX) from None
 
 
 def _decode(file: str, mode: str, size: int) -> torch.Tensor:

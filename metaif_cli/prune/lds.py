@@ -129,7 +129,8 @@ def plan_lds(ctx) -> LdsPlan:
     subsets = draw_subsets(len(ctx.units), cfg.lds.num_subsets, cfg.lds.fraction, cfg.seed)
     variants = seed_variants(run.train_cfg, cfg.lds.seeds, cfg.seed, cfg.lds.vary)
     probe = retrain_job(run, [], Path("."))
-    imported = bool(load_json(run.run_dir / C.RESULTS_JSON).get("imported_from"))
+    imported = bool(load_json(run.run_dir / C.RESULTS_JSON, f"rerun the command that wrote {run.run_dir}")
+                    .get("imported_from"))
     return LdsPlan(ctx.units, subsets, variants, retrain_root(cfg, run.run_dir, probe.config, ctx.out_dir), imported)
 
 
@@ -160,8 +161,12 @@ def f_values(ctx, run_dir: Path | None) -> np.ndarray:
         return ctx.f.values(ctx.run.lam)
     path = run_dir / F_VALUES_JSON
     settings = _eval_settings(ctx)
-    if path.exists():
-        saved = load_json(path)
+    try:  # our own cache: a damaged one is computed again
+        saved = load_json(path, "it is computed again") if path.exists() else {}
+    except MetaifError as exc:
+        log.warning("%s", exc)
+        saved = {}
+    if saved:
         if saved.get("settings") == settings and saved.get("model_mtime") == (run_dir / C.MODEL_PT).stat().st_mtime_ns:
             return np.asarray(saved["values"], dtype=np.float64)
     values = ctx.f.values(load_lam(run_dir))

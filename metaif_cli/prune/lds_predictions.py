@@ -10,6 +10,7 @@ score column over the removed units (the orientation is documented in
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,14 @@ import pandas as pd
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.io import save_csv
+from metaif_cli.io import read_csv, save_csv
 from metaif_cli.prune.scores import Ranking, load_ranking, save_ranking, score_config_for, table_of
 from metaif_cli.score.config import settings_of
 from metaif_cli.score.methods import run_method
 from metaif_cli.score.outputs import score_column, task_table
+from metaif_cli.score.run import read_tasks_csv
+
+log = logging.getLogger(__name__)
 
 BY_TEST_METHODS = ("if", "direct_if", "grad_sim")  # methods that give one score per meta-test task
 
@@ -49,11 +53,14 @@ def _score_with_by_test(ctx, method: str) -> tuple[Ranking, np.ndarray]:
     ranking = load_ranking(ctx.out_dir, method, settings)
     path = _by_test_path(ctx.out_dir, method)
     if ranking is not None and path.exists():
-        return ranking, pd.read_csv(path).to_numpy(dtype=np.float64)
+        try:  # our own cache: a damaged one is computed again
+            return ranking, read_csv(path, "it is computed again", columns=("test_task_0",)).to_numpy(dtype=np.float64)
+        except MetaifError as exc:
+            log.warning("%s", exc)
     t0 = time.perf_counter()
     out = run_method(ctx.run, scfg)
     seconds = time.perf_counter() - t0
-    tasks_csv = pd.read_csv(ctx.run.run_dir / C.TASKS_CSV)
+    tasks_csv = read_tasks_csv(ctx.run)
     table = table_of(task_table(out.scores, tasks_csv, method), None, method, "task")
     ranking = Ranking(method, table, score_column(method), seconds, "computed",
                       settings=settings)

@@ -30,7 +30,7 @@ from metaif_cli.score.run import LoadedRun, read_tasks_csv
 
 log = logging.getLogger(__name__)
 
-SCORING_METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin", "ekfac_if", "trak")
+SCORING_METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin", "ekfac_if", "trak", "trajectory")
 
 
 @dataclass

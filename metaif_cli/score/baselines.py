@@ -19,6 +19,7 @@ from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import load_torch
 from metaif_cli.influence.compute import ScoreOutput
+from metaif_cli.io import load_torch
 from metaif_cli.meta.params import Params
 from metaif_cli.meta.tasks import TaskBatch
 from metaif_cli.score.config import ScoreConfig

@@ -12,9 +12,10 @@ from metaif_cli.errors import MetaifError
 from metaif_cli.io import resolved_path
 from metaif_cli.influence.baseline_config import EkfacConfig, TrakConfig
 from metaif_cli.influence.config import EvaluationConfig, HessianConfig, SolverConfig
+from metaif_cli.influence.trajectory import TrajectoryConfig
 
 UNITS = ("task", "instance", "all")
-METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin", "ekfac_if", "trak")
+METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin", "ekfac_if", "trak", "trajectory")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ScoreConfig:
     ekfac: EkfacConfig = field(default_factory=EkfacConfig)
     trak: TrakConfig = field(default_factory=TrakConfig)
     inner_solver: str = "cg"
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     inner_tol: float = 1e-8
     inner_max_iter: int = 200
     chunk: int = 32
@@ -100,6 +102,8 @@ def settings_of(cfg: ScoreConfig) -> dict:
     ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk"}
     # a library baseline's settings matter only to that method
     ignore |= {key for key, method in (("ekfac", "ekfac_if"), ("trak", "trak")) if cfg.method != method}
+    if cfg.method != "trajectory":
+        ignore.add("trajectory")
     out = {k: v for k, v in asdict(cfg).items() if k not in ignore}
     out["run"] = resolved_path(cfg.run)  # a relative path or a trailing slash names the same run
     return out

@@ -20,6 +20,7 @@ from metaif_cli.meta.params import FlatSpec
 from metaif_cli.score.baselines import LIBRARY_METHODS, run_library_baseline
 from metaif_cli.score.config import ScoreConfig
 from metaif_cli.score.run import LoadedRun, tracin_checkpoints
+from metaif_cli.score.trajectory import score_trajectory
 
 
 def derivative_mode(run: LoadedRun, cfg: ScoreConfig) -> str:
@@ -78,6 +79,8 @@ def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = No
 
     if cfg.method == "tracin":
         return compute.tracin(make, tracin_checkpoints(run), index)
+    if cfg.method == "trajectory":
+        return _select(score_trajectory(run, cfg, make()), index)
     problem = make(direct=cfg.method == "direct_if")
     if cfg.method == "loss":
         return _select(compute.loss_baseline(problem, theta), index)
@@ -97,7 +100,7 @@ def _select(out: compute.ScoreOutput, index: torch.Tensor | None) -> compute.Sco
 
 def pred_delta_lam(run: LoadedRun, cfg: ScoreConfig, units: list[tuple[str, int, str | None, int | None]]) -> dict:
     """``(H + delta I)^{-1} d_{w_e} grad F`` for each requested unit, and for their sum (model editing)."""
-    if cfg.method in LIBRARY_METHODS:
+    if cfg.method in LIBRARY_METHODS + ("trajectory",):
         raise MetaifError(f"method={cfg.method} predicts no parameter change; drop pred_delta_lam (or use "
                           "update=retrain), or use method=if or direct_if")
     problem = build_problem(run, cfg, direct=cfg.method == "direct_if")

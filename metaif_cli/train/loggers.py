@@ -27,7 +27,7 @@ TENSORBOARD_DIR = "tensorboard"
 
 @dataclass
 class LoggerConfig:
-    """``conf/train/logger/<name>.yaml``: ``name`` (csv or tensorboard) and, for tensorboard, ``log_dir``."""
+    """``conf/logger/<name>.yaml``: ``name`` (csv or tensorboard) and, for tensorboard, ``log_dir``."""
 
     name: str = "csv"
     log_dir: Optional[str] = None  # tensorboard: default <run dir>/tensorboard

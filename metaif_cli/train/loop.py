@@ -55,6 +55,22 @@ def checkpoint_steps(steps: int, num: int) -> list[int]:
     return sorted({max(1, round(steps * i / num)) for i in range(1, num + 1)}) if num else []
 
 
+def batch_generator(cfg) -> torch.Generator:
+    """The seeded generator whose draws are the meta-batch order (replayed by ``method=trajectory``)."""
+    return torch.Generator().manual_seed(cfg.batch_seed + 1)
+
+
+def draw_batch(gen: torch.Generator, n: int, size: int) -> torch.Tensor:
+    """Task indices of the next meta-batch."""
+    return torch.randperm(n, generator=gen)[:size]
+
+
+def batch_schedule(cfg, n: int, steps: int) -> list[torch.Tensor]:
+    """The task indices of every step's meta-batch of a run trained from scratch."""
+    gen = batch_generator(cfg)
+    return [draw_batch(gen, n, cfg.optim.meta_batch_size) for _ in range(steps)]
+
+
 def _make_optimizer(params: list[torch.Tensor], exp: Experiment) -> torch.optim.Optimizer:
     o = exp.cfg.optim
     if o.optimizer == "adam":
@@ -179,7 +195,7 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     lam = {k: v.clone() for k, v in (init_lam or exp.initial_params()).items()}
     leaves = [t.requires_grad_(False) for t in lam.values()]
     opt = _make_optimizer(leaves, exp)
-    gen = torch.Generator().manual_seed(cfg.batch_seed + 1)
+    gen = batch_generator(cfg)
     start, metrics, elapsed = 0, [], 0.0
     saved = _resume_state(run_dir, exp, weights, setup)
     if saved is not None:
@@ -196,7 +212,7 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     bar = progress_bar(range(start, steps), initial=start, total=steps, desc="meta-train", enabled=cfg.progress)
     t0 = time.perf_counter()
     for step in bar:
-        idx = torch.randperm(n, generator=gen)[: o.meta_batch_size]
+        idx = draw_batch(gen, n, o.meta_batch_size)
         batch = pool.batch(images, idx)
         dev_idx = idx.to(images.device)
         batch = batch.with_weights(w=w[dev_idx], u=u[dev_idx], v=v[dev_idx])
@@ -217,8 +233,10 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
         metrics.append(row)
         logger.log(done, {**row, "lr": opt.param_groups[0]["lr"]})
         if done in keep:
+            # the optimiser state lets method=trajectory replay the run segment by segment
             save_torch({"step": done, "lam": {k: t.detach().cpu() for k, t in lam.items()},
-                        "lr": opt.param_groups[0]["lr"]}, run_dir / C.CHECKPOINT_DIR / f"step_{done:06d}.pt")
+                        "lr": opt.param_groups[0]["lr"], "optimizer": opt.state_dict()},
+                       run_dir / C.CHECKPOINT_DIR / f"step_{done:06d}.pt")
         if done % o.checkpoint_every == 0 or done == steps:
             now = elapsed + time.perf_counter() - t0
             # the previous good state is kept as checkpoint_prev.pt, should this one be damaged
