@@ -427,6 +427,8 @@ def test_refused_command_writes_before_it_checks_score_failed_computation(traine
     ({"method": "trak", "trak": {"num_checkpoints": 10}}, "trak.num_checkpoints=10"),
     ({"method": "ekfac_if", "pred_delta_lam": ["task:0"]}, "pred_delta_lam"),
     ({"method": "trak", "evaluation": {"kind": "per_task"}}, "evaluation.kind=mean_loss"),
+    ({"method": "trajectory", "pred_delta_lam": ["task:0"]}, "pred_delta_lam"),
+    ({"method": "trajectory", "evaluation": {"kind": "per_task"}}, "evaluation.kind=mean_loss"),
 ])
 def test_references_checked_late_library_baselines(trained, tmp_path, monkeypatch, change, fragment):
     monkeypatch.setattr("metaif_cli.score.pipeline.run_method", lambda *a, **k: pytest.fail("scored"))

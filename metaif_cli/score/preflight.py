@@ -50,6 +50,13 @@ def check_inputs(run: LoadedRun, cfg: ScoreConfig, shards: int, what: str = "sha
                               "method=if or direct_if")
         if cfg.method == "trak":
             trak_checkpoint_paths(run, cfg.trak.num_checkpoints)
+    if cfg.method == "trajectory":
+        if cfg.pred_delta_lam:
+            raise MetaifError("method=trajectory predicts no parameter change; drop pred_delta_lam, or use "
+                              "method=if or direct_if")
+        if cfg.evaluation.kind == "per_task":
+            raise MetaifError("method=trajectory scores one evaluation function; use evaluation.kind=mean_loss "
+                              "or margin")
     if cfg.method == "tracin" and not any((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
         raise MetaifError(f"method=tracin needs the intermediate checkpoints of the training run, and "
                           f"{run.run_dir / C.CHECKPOINT_DIR} holds none; retrain with optim.num_checkpoints > 0")
