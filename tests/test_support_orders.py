@@ -132,3 +132,20 @@ def test_first_order_keeps_training_values(meta):
             **{k: t for k, t in expected.items() if k.startswith("head.")}}
     for k in lam:
         torch.testing.assert_close(g[k], expected[k], rtol=1e-12, atol=1e-14)
+
+
+def test_direct_if_on_imaml_is_not_detached():
+    """Direct-IF (``steps=0``: no adaptation) on an iMAML run equals Direct-IF on a MAML learner:
+    ``phi = lam`` keeps its derivatives in every mode (it used to be a detached copy, so ``D f = 0``)."""
+    model = H.make_model("mlp", hidden=6, layers=1, image_shape=(1, 8, 8), ways=3, seed=0)
+    spec, theta = H.lam_of(model, head_only=True)
+    train, test = H.digits_tasks(4, seed=1), H.digits_tasks(2, seed=2)
+    out = {}
+    for name in ("imaml", "maml"):
+        learner = MetaLearner(model, MetaConfig(name=name))
+        problem = H.make_problem(MetaLearner(model, MetaConfig(name="maml")), spec, train, test, DELTA)
+        problem = type(problem)(learner, spec, train, test, n=len(train), delta_reg=DELTA, steps=0)
+        out[name] = compute.influence(problem, theta, _cfg()).scores
+    assert float(out["imaml"].task.abs().min()) > 0
+    for field in ("task", "query", "support"):
+        torch.testing.assert_close(getattr(out["imaml"], field), getattr(out["maml"], field), rtol=1e-12, atol=0)
