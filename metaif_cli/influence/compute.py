@@ -150,6 +150,8 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSetting
                                   curvature.gamma)
             log.warning("CG met negative curvature; retrying with damping %.3g", curvature.damping)
             result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
+    if float(b.to(torch.float64).norm()) > 0:
+        solvers.check_usable(result)
     if not sc.allow_unconverged:
         solvers.check_converged(result, sc.tol)
     elif not result.converged:
