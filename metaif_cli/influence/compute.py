@@ -42,6 +42,7 @@ class ScoreOutput:
     eval_value: float | None = None
     train_by_test: Tensor | None = None  # [n, T] task scores per evaluation task
     inner_residual: float | None = None  # implicit mode: worst inner solve / CG relative residual
+    members: list[dict] | None = None  # ensembles: each member's label, seconds, residual, damping
     seconds: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # method-specific facts for score.json (library baselines)
 

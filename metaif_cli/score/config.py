@@ -18,9 +18,22 @@ METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin", "ekfac_if"
 
 
 @dataclass
+class EnsembleConfig:
+    """``checkpoints``: average the scores at the final point and the last ``checkpoints - 1``
+    saved checkpoints (1: the final point only)."""
+
+    checkpoints: int = 1
+
+    def __post_init__(self) -> None:
+        positive("ensemble.checkpoints", self.checkpoints)
+
+
+@dataclass
 class ScoreConfig:
     """Root of ``metaif score`` (``conf/score.yaml``).
 
+    ``ensemble.checkpoints``, ``runs``: average the scores over several points or runs of the
+    same pool (:mod:`metaif_cli.score.ensemble`).
     ``chunk``: tasks per vmapped call in every pass over tasks; memory grows with it, and
     on CPU 32 was fastest for a cnn4 on Omniglot (64 was slower and used 4 GB).
     """
@@ -37,6 +50,8 @@ class ScoreConfig:
     trak: TrakConfig = field(default_factory=TrakConfig)
     inner_solver: str = "cg"
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    runs: list[str] = field(default_factory=list)
     inner_tol: float = 1e-8
     inner_max_iter: int = 200
     chunk: int = 32
@@ -97,4 +112,10 @@ def settings_of(cfg: ScoreConfig) -> dict:
     ignore |= {key for key, method in (("ekfac", "ekfac_if"), ("trak", "trak")) if cfg.method != method}
     if cfg.method != "trajectory":
         ignore.add("trajectory")
-    return {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    out = {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    # ensembles: recorded only when used, so single-point settings files stay as they were
+    if out["ensemble"] == asdict(EnsembleConfig()):
+        del out["ensemble"]
+    if not out["runs"]:
+        del out["runs"]
+    return out

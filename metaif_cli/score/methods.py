@@ -58,7 +58,19 @@ def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = No
 
     ``rank``/``world``: this process under torchrun (Hessian products are summed over processes).
     ``work_dir``: where ``ekfac_if`` keeps kronfluence's factors for reuse (the score directory).
+    With ``ensemble.checkpoints > 1`` or ``runs``: the mean over the members (:mod:`ensemble`;
+    library baselines then keep their factors in a temporary folder per member).
     """
+    from metaif_cli.score import ensemble
+
+    if ensemble.is_ensemble(cfg):
+        return ensemble.run_ensemble(run, cfg, index, rank, world, run_single)
+    return run_single(run, cfg, index, rank, world, work_dir)
+
+
+def run_single(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = None, rank: int = 0,
+               world: int = 1, work_dir: Path | None = None) -> compute.ScoreOutput:
+    """:func:`run_method` at the run's ``lam`` alone."""
     theta = FlatSpec.of(run.lam).flatten(run.lam)
     pool = run.exp.pools["train"]
     if cfg.method in LIBRARY_METHODS:
