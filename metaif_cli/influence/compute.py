@@ -161,11 +161,11 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSetting
                                   curvature.gamma)
             log.warning("CG met negative curvature; retrying with damping %.3g", curvature.damping)
             result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
-    if float(b.to(torch.float64).norm()) > 0:
-        solvers.check_usable(result)
     if not sc.allow_unconverged:
         solvers.check_converged(result, sc.tol)
-    elif not result.converged:
+    elif float(b.to(torch.float64).norm()) > 0:
+        solvers.check_usable(result)  # a loose solve is allowed, one no better than s = 0 never
+    if sc.allow_unconverged and not result.converged:
         log.warning("iHVP solver %s did not converge (relative residual %.3g); using it anyway", sc.name,
                     result.residual)
     return result, curvature
