@@ -32,13 +32,13 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def _train(root: Path, name: str, seed: int = 0, lr: float = 1e-2) -> Path:
+def _train(root: Path, name: str, seed: int = 0, init_seed: int | None = None) -> Path:
     cfg = TrainConfig(seed=seed, device="cpu", dtype="float64", progress=False,
                       dataset=DatasetConfig(name="digits", ways=2, shots=1, queries=2, num_train_tasks=6,
                                             num_val_tasks=2, num_test_tasks=3),
-                      model=ModelConfig(name="mlp", hidden=4, layers=1),
+                      model=ModelConfig(name="mlp", hidden=4, layers=1, init_seed=init_seed),
                       meta=MetaConfig(name="maml", inner_steps=1, inner_lr=0.4),
-                      optim=OptimConfig(steps=6, meta_batch_size=3, lr=lr, eval_every=3, checkpoint_every=2,
+                      optim=OptimConfig(steps=6, meta_batch_size=3, lr=1e-2, eval_every=3, checkpoint_every=2,
                                         num_checkpoints=3))
     run_train(cfg, root / name)
     return root / name
@@ -47,7 +47,7 @@ def _train(root: Path, name: str, seed: int = 0, lr: float = 1e-2) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ens")
-    return {"a": _train(root, "a"), "b": _train(root, "b", lr=2e-2), "other": _train(root, "other", seed=1)}
+    return {"a": _train(root, "a"), "b": _train(root, "b", init_seed=7), "other": _train(root, "other", seed=1)}
 
 
 def _cfg(run: Path, **kw) -> ScoreConfig:

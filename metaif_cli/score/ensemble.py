@@ -4,7 +4,7 @@
   checkpoints saved before them, each scored at its own ``lam`` (its own ``s``, damping and
   solve);
 - ``runs=[<run>, ...]``: further runs of the same task pool (same units, same weights; e.g.
-  other initialisations or batch orders), averaged with ``run=``. A run whose pool differs is
+  other ``model.init_seed`` or ``optim.batch_seed``), averaged with ``run=``. A run whose pool differs is
   refused: scores of different units cannot be averaged.
 
 Both combine (every run x its last ``K`` points). The ensemble's cost is the sum of its members'
@@ -64,7 +64,7 @@ def check_same_pool(ref: LoadedRun, other: LoadedRun) -> None:
     if not same:
         raise MetaifError(f"runs: {other.run_dir} was trained on another task pool (or other weights) than "
                           f"{ref.run_dir}; an ensemble averages the scores of the same units, so train every "
-                          "member on the same pool (same dataset settings and seed)")
+                          "member on the same pool (same dataset settings and seed; vary model.init_seed or optim.batch_seed)")
 
 
 def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, rank: int, world: int,
