@@ -70,8 +70,9 @@ def check_same_pool(ref: LoadedRun, other: LoadedRun) -> None:
 def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, rank: int, world: int,
                  single) -> compute.ScoreOutput:
     """Mean of ``single(member_run, cfg, index, rank, world)`` over the members."""
-    if cfg.method == "tracin" and cfg.ensemble.checkpoints > 1:
-        raise MetaifError("method=tracin already sums over the saved checkpoints; use ensemble.checkpoints=1")
+    if cfg.method in ("tracin", "trajectory") and cfg.ensemble.checkpoints > 1:
+        raise MetaifError(f"method={cfg.method} already follows the training run through its saved checkpoints; "
+                          "use ensemble.checkpoints=1")
     runs = [run]
     for path in cfg.runs:
         if Path(path).resolve() in {r.run_dir.resolve() for r in runs}:
