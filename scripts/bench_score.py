@@ -7,6 +7,8 @@ Writes ``bench_score.csv`` (one row per measured configuration) and ``bench_scor
    the default settings and cheaper ones, with the cheaper scores' Spearman against the
    default's;
 2. time per solver and Hessian form on that run;
+   ``products``: one total-Hessian product per form (``exact``, ``no_third_order``,
+   ``gauss_newton``), timed side by side (interleaved repeats), and its ratio to ``exact``;
 3. accuracy of each solver against ``dense`` at the same damping, on a small model
    (dense needs one HVP per parameter) trained here on the same data.
 
@@ -102,7 +104,7 @@ def solver_rows(run, base: ScoreConfig, label: str) -> list[dict]:
     theta = FlatSpec.of(run.lam).flatten(run.lam)
     problem = build_problem(run, base)  # the form only changes the products (``cfg.hessian``)
     b = problem.eval_grad(theta)[1].mean(0)
-    for form in ("exact", "no_third_order", "gamma"):
+    for form in ("exact", "no_third_order", "gamma", "gauss_newton"):
         cfg_form = replace(base, hessian=replace(base.hessian, form=form),
                            solver=replace(base.solver, name="cg", allow_unconverged=True))
         t0 = time.perf_counter()
@@ -123,6 +125,34 @@ def solver_rows(run, base: ScoreConfig, label: str) -> list[dict]:
                          "iterations": res.iterations, "relative_residual": res.residual,
                          "damping": curvature.damping})
             log.info("%s", rows[-1])
+    return rows
+
+
+def product_rows(run, base: ScoreConfig, repeats: int = 5) -> list[dict]:
+    """Seconds of one total-Hessian product per form over the Hessian's tasks, measured side by
+    side: the forms alternate within each repeat, so load on the machine hits them alike.
+    ``ratio_to_exact`` is the median time over the median time of ``exact``."""
+    import statistics
+
+    theta = FlatSpec.of(run.lam).flatten(run.lam)
+    problem = build_problem(run, base)
+    index = compute.hessian_index(problem.n, base)
+    vec = problem.eval_grad(theta)[1].mean(0)
+    forms = ("exact", "no_third_order", "gauss_newton")
+    times: dict[str, list[float]] = {f: [] for f in forms}
+    for f in forms:  # warm-up
+        problem.hvp(theta, vec, index, f)
+    for _ in range(repeats):
+        for f in forms:
+            t0 = time.perf_counter()
+            problem.hvp(theta, vec, index, f)
+            times[f].append(time.perf_counter() - t0)
+    exact = statistics.median(times["exact"])
+    rows = [{"part": "products", "form": f, "tasks": len(index), "repeats": repeats,
+             "seconds": statistics.median(times[f]), "ratio_to_exact": statistics.median(times[f]) / exact}
+            for f in forms]
+    for row in rows:
+        log.info("%s", row)
     return rows
 
 
@@ -152,7 +182,7 @@ def accuracy_rows(run_dir: Path) -> list[dict]:
     theta = FlatSpec.of(run.lam).flatten(run.lam)
     problem = build_problem(run, ScoreConfig(run=str(run_dir), progress=False))  # the form changes the products only
     b = problem.eval_grad(theta)[1].mean(0)
-    for form in ("exact", "no_third_order", "gamma"):
+    for form in ("exact", "no_third_order", "gamma", "gauss_newton"):
         base = ScoreConfig(run=str(run_dir), progress=False, hessian=HessianConfig(form=form, num_tasks=16),
                            solver=SolverConfig(name="dense"))
         curvature = compute.choose_damping(problem, theta, base, b)
@@ -190,7 +220,9 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/bench", help="folder for bench_score.csv/json")
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--parts", nargs="*", default=["score", "solvers", "accuracy"],
-                        help="score: scoring vs training time; solvers: per form and solver; accuracy: vs dense")
+                        help="score: scoring vs training time; solvers: per form and solver; accuracy: vs dense; "
+                        "products: one Hessian product per form, side by side")
+    parser.add_argument("--repeats", type=int, default=5, help="products: timed repeats per form")
     parser.add_argument("--presets", nargs="*", default=list(preset_configs(Path(".")).keys()))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -202,6 +234,8 @@ def main() -> None:
     rows = score_rows(run, run_dir, train_seconds, args.presets) if "score" in args.parts else []
     if "solvers" in args.parts:
         rows += solver_rows(run, preset_configs(run_dir)["fast"], "solvers")
+    if "products" in args.parts:
+        rows += product_rows(run, preset_configs(run_dir)["fast"], args.repeats)
     if "accuracy" in args.parts:
         rows += accuracy_rows(small_run(args.data_root, out))
     frame = pd.DataFrame(rows)

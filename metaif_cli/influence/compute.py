@@ -43,6 +43,7 @@ class ScoreOutput:
     train_by_test: Tensor | None = None  # [n, T] task scores per evaluation task
     inner_residual: float | None = None  # implicit mode: worst inner solve / CG relative residual
     reused_s: bool = False  # s was given (computed earlier with the same settings), not solved here
+    members: list[dict] | None = None  # ensembles: each member's label, seconds, residual, damping
     seconds: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # method-specific facts for score.json (library baselines)
 
@@ -58,7 +59,7 @@ def hessian_index(n: int, cfg: InfluenceSettings) -> Tensor:
 
 def make_hvp(problem: Problem, theta: Tensor, cfg: InfluenceSettings, index: Tensor) -> tuple[Callable, Callable, float | None]:
     """The undamped total-Hessian product, its sub-sampled version (LiSSA) and Gamma."""
-    form = "exact" if cfg.hessian.form == "exact" else "no_third_order"
+    form = cfg.hessian.form if cfg.hessian.form in ("exact", "gauss_newton") else "no_third_order"
     gamma = None
     if cfg.hessian.form == "gamma":
         gamma = cfg.hessian.gamma_scale * problem.gamma(theta, index)
@@ -73,6 +74,15 @@ def make_hvp(problem: Problem, theta: Tensor, cfg: InfluenceSettings, index: Ten
         return out + gamma * vec if gamma is not None else out
 
     return hvp, hvp_subset, gamma
+
+
+def damping_rule(cfg: InfluenceSettings) -> krylov.DampingRule | None:
+    """``hessian.form=gauss_newton`` (positive semi-definite): ``delta = damping * lambda_max``
+    (``damping`` itself when the estimate is not positive); other forms: :func:`krylov.damping_from`."""
+    if cfg.hessian.form != "gauss_newton":
+        return None
+    frac = cfg.hessian.damping
+    return lambda lo, hi: frac * hi if hi > 0 else frac
 
 
 @dataclass
@@ -100,7 +110,7 @@ def choose_damping(problem: Problem, theta: Tensor, cfg: InfluenceSettings, star
     if start is None:
         start = problem.eval_grad(theta)[1].mean(0)
     damping, lo, hi = krylov.estimate_damping(hvp, start, cfg.hessian.damping, cfg.hessian.damping_factor,
-                                              cfg.hessian.lanczos_iters)
+                                              cfg.hessian.lanczos_iters, damping_rule(cfg))
     log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", lo, hi, damping)
     return Curvature(damping, lo, hi, gamma)
 
@@ -136,7 +146,8 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSetting
     sc = cfg.solver
     if curvature is None and cfg.hessian.auto_damping and sc.name == "cg":
         auto = krylov.solve_auto_damped(hvp, b, cfg.hessian.damping, cfg.hessian.damping_factor,
-                                        cfg.hessian.lanczos_iters, sc.max_iter, sc.tol, progress=cfg.progress)
+                                        cfg.hessian.lanczos_iters, sc.max_iter, sc.tol, progress=cfg.progress,
+                                        rule=damping_rule(cfg))
         result = auto.result
         curvature = Curvature(auto.damping, auto.eigenvalue_min, auto.eigenvalue_max, gamma)
         log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", auto.eigenvalue_min,
@@ -153,7 +164,9 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSetting
             result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
     if not sc.allow_unconverged:
         solvers.check_converged(result, sc.tol)
-    elif not result.converged:
+    elif float(b.to(torch.float64).norm()) > 0:
+        solvers.check_usable(result)  # a loose solve is allowed, one no better than s = 0 never
+    if sc.allow_unconverged and not result.converged:
         log.warning("iHVP solver %s did not converge (relative residual %.3g); using it anyway", sc.name,
                     result.residual)
     return result, curvature

@@ -6,7 +6,8 @@ For each task the inner problem is solved to ``inner_tol``; with ``H_in = grad2_
 - total gradient ``D_lam L = eta H_in^{-1} d_phi L_Q``;
 - total-Hessian product, exact: ``eta H_in^{-1} [H_Q (J v) - T(J v, q)]`` with
   ``q = H_in^{-1} d_phi L_Q`` and ``T(x, y) = d_phi (x^T grad2 L_I y)`` (the third-order
-  term, from the derivative of ``J``); ``no_third_order`` drops ``T``;
+  term, from the derivative of ``J``); ``no_third_order`` drops ``T``; ``gauss_newton``
+  replaces ``H_Q`` by the logits' ``J_z^T H_z J_z`` (:mod:`gauss_newton`);
 - support instance ``j`` (two stages): inner-IF ``-H_in^{-1} b_j / |S|`` with
   ``b_j = d_phi l(z_j)``, outer change ``P_j = a^T H_in^{-1} b_j`` and
   ``s^T D_lam P_j = eta r^T d_phi P_j`` with ``r = H_in^{-1} s``, where
@@ -27,11 +28,13 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp
 
+from metaif_cli.influence import gauss_newton
 from metaif_cli.influence.inner_ekfac import ekfac_inner_solver
 from metaif_cli.influence.outer import instance_values, weighted_mean
 from metaif_cli.influence.problem import Problem, UnitScores
 from metaif_cli.influence.solvers import solve_cg
 from metaif_cli.meta.implicit import inner_hvp
+from metaif_cli.models.networks import logits
 from metaif_cli.progress import bar as progress_bar
 
 
@@ -122,8 +125,12 @@ class ImplicitProblem(Problem):
     def _hvp_sum(self, theta, vec, index, form):
         eta, out = self.learner.cfg.eta, torch.zeros_like(vec)
         for k in torch.as_tensor(index).tolist():
-            phi, qloss, solve, (x_spt, y_spt, u, *_rest) = self._task_parts(theta, k)
+            phi, qloss, solve, (x_spt, y_spt, u, x_qry, _, v) = self._task_parts(theta, k)
             jv = eta * solve(vec)
+            if form == "gauss_newton":
+                z_fn = lambda p: logits(self.learner.model, self.spec.unflatten(p), x_qry)  # noqa: E731
+                out += self.train.w[k] * eta * solve(gauss_newton.product(z_fn, phi, jv, v))
+                continue
             inner = self._hess(qloss, phi, jv)
             if form == "exact":
                 inner = inner - self._third(phi, x_spt, y_spt, u, jv, solve(grad(qloss)(phi)))

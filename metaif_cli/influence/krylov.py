@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -101,17 +102,22 @@ def damping_from(lo: float, base: float, factor: float) -> float:
     return base + factor * max(0.0, -lo)
 
 
-def estimate_damping(hvp: Hvp, b: torch.Tensor, base: float, factor: float, damping_iters: int
-                     ) -> tuple[float, float, float]:
+DampingRule = Callable[[float, float], float]  # (lambda_min, lambda_max) -> delta
+
+
+def estimate_damping(hvp: Hvp, b: torch.Tensor, base: float, factor: float, damping_iters: int,
+                     rule: Optional[DampingRule] = None) -> tuple[float, float, float]:
     """``(delta, lambda_min, lambda_max)`` from ``damping_iters`` Lanczos steps started at ``b``.
 
-    The same numbers :func:`solve_auto_damped` chooses, without its solve.
+    The same numbers :func:`solve_auto_damped` chooses, without its solve. ``rule``: how the
+    damping follows from the Ritz extremes (default :func:`damping_from`).
     """
+    rule = rule or (lambda lo, hi: damping_from(lo, base, factor))
     process = Lanczos(hvp, b)
     while process.steps < min(damping_iters, b.numel()) and not process.exhausted:
         process.step()
     lo, hi = process.extremes()
-    return damping_from(lo, base, factor), lo, hi
+    return rule(lo, hi), lo, hi
 
 
 @dataclass
@@ -125,7 +131,7 @@ class AutoDampedSolve:
 
 
 def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, damping_iters: int, max_iter: int,
-                      tol: float, progress: bool = False) -> AutoDampedSolve:
+                      tol: float, progress: bool = False, rule: Optional[DampingRule] = None) -> AutoDampedSolve:
     """``(H + delta I)^{-1} b`` with ``delta`` chosen from the first ``damping_iters`` steps.
 
     After ``damping_iters`` steps the damping is fixed to :func:`damping_from` of the
@@ -133,7 +139,9 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, dam
     ``tol``. If later steps reveal more negative curvature (``T_k + delta I`` not positive
     definite), the damping is chosen again by the same rule from all of ``T_k``, with no
     further products (logged). The reported residual is the true one (one more product).
+    ``rule`` replaces :func:`damping_from` (``hessian.form=gauss_newton``: relative to ``lambda_max``).
     """
+    rule = rule or (lambda lo_, hi_: damping_from(lo_, base, factor))
     if float(b.to(torch.float64).norm()) == 0:
         return AutoDampedSolve(SolveResult(torch.zeros_like(b), 0, 0.0, True, "cg"), base, 0.0, 0.0)
     process = Lanczos(hvp, b)
@@ -147,7 +155,7 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, dam
         bar.update(1)
         if process.steps <= choose:
             lo, hi = process.extremes()
-            damping = damping_from(lo, base, factor)
+            damping = rule(lo, hi)
             if process.steps < choose and not process.exhausted:
                 continue
         x, estimate = process.solve(damping)
@@ -157,7 +165,7 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, dam
     finish(bar)  # ends at 100% when the solve converged early
     if process.extremes()[0] + damping <= 0:  # later steps found more negative curvature: same rule, all of T_k
         lo, hi = process.extremes()
-        damping = damping_from(lo, base, factor)
+        damping = rule(lo, hi)
         log.warning("Lanczos met negative curvature (%.3g) after its first %d steps; damping raised to %.3g",
                     lo, damping_iters, damping)
         x = process.solve(damping)[0]

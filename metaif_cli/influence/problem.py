@@ -25,10 +25,12 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
+from metaif_cli.influence import gauss_newton
 from metaif_cli.influence.outer import instance_values, weighted_mean
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import FlatSpec
 from metaif_cli.meta.tasks import TaskBatch
+from metaif_cli.models.networks import logits
 from metaif_cli.progress import bar as progress_bar
 from metaif_cli.progress import finish, load_jvp_decompositions
 
@@ -107,7 +109,7 @@ class Problem:
         raise NotImplementedError
 
     def _hvp_sum(self, theta: Tensor, vec: Tensor, index: Tensor, form: str) -> Tensor:
-        """``sum_{k in index} w_k H_k vec`` (``form``: ``exact`` or ``no_third_order``)."""
+        """``sum_{k in index} w_k H_k vec`` (``form``: ``exact``, ``no_third_order`` or ``gauss_newton``)."""
         raise NotImplementedError
 
     def _gamma_sum(self, theta: Tensor, index: Tensor) -> Tensor:
@@ -160,6 +162,12 @@ class UnrolledProblem(Problem):
         return values, grads
 
     def _task_hvp(self, form: str) -> Callable:
+        if form == "gauss_newton":
+            def gn(th, vec, x_spt, y_spt, u, x_qry, y_qry, v, w):
+                z_fn = lambda t: logits(self.learner.model, self.learner.adapt(  # noqa: E731
+                    self.spec.unflatten(t), x_spt, y_spt, u, self.steps), x_qry)
+                return w * gauss_newton.product(z_fn, th, vec, v)
+            return gn
         if form == "exact":
             def exact(th, vec, x_spt, y_spt, u, x_qry, y_qry, v, w):
                 return w * jvp(lambda t: grad(self._task_loss)(t, x_spt, y_spt, u, x_qry, y_qry, v), (th,), (vec,))[1]

@@ -10,7 +10,10 @@ relative residual ``||(H + delta I) x - b|| / ||b||``, recomputed with one extra
 - ``cg``: conjugate gradients; stops on breakdown (``p^T A p <= 0``, indefinite ``A``);
 - ``neumann``, ``lissa``: series solvers, in :mod:`metaif_cli.influence.series`.
 
-:func:`solve` dispatches by name; :func:`check_converged` refuses an unconverged solve.
+:func:`solve` dispatches by name; :func:`check_converged` refuses an unconverged solve;
+:func:`check_usable` refuses, even under ``solver.allow_unconverged``, a solve no better than
+``x = 0`` (relative residual >= 1, not finite, or ``x = 0``: a CG breakdown at the first
+step), which would otherwise rank every unit by nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from metaif_cli.progress import finish
 logger = logging.getLogger(__name__)
 
 __all__ = ["SolveResult", "build_dense_hessian", "solve_dense", "solve_cg", "power_iteration", "solve_neumann",
-           "solve_lissa", "solve", "check_converged"]
+           "solve_lissa", "solve", "check_converged", "check_usable"]
 
 METHODS = ("dense", "cg", "neumann", "lissa")
 _HINTS = {
@@ -196,3 +199,21 @@ def check_converged(result: SolveResult, tol: float) -> None:
         f"> tol {tol_text} after {result.iterations} iterations; {hint}, "
         "or set solver.allow_unconverged=true"
     )
+
+
+def check_usable(result: SolveResult) -> None:
+    """Raise if the solve is no better than ``x = 0`` (relative residual >= 1 or NaN, or ``x = 0``).
+
+    ``solver.allow_unconverged`` accepts a loose solve, never an unusable one: with ``s = 0``
+    every score would be 0 and the ranking the task order.
+
+    Raises:
+        MetaifError: One line naming the solver, its residual and the fix.
+    """
+    zero = not bool(result.x.ne(0).any())
+    if math.isfinite(result.residual) and result.residual < 1 and not zero:
+        return
+    hint = _HINTS.get(result.method, "add hessian.damping")
+    what = "returned s = 0" if zero else f"has relative residual {result.residual:.1e} (no better than s = 0)"
+    raise MetaifError(f"iHVP solver {result.method!r} {what} after {result.iterations} iterations, so it cannot "
+                      f"rank anything even with solver.allow_unconverged=true; {hint} (or hessian.auto_damping=true)")

@@ -43,37 +43,54 @@ class MetaLearner:
 
     # ---- inner level ------------------------------------------------------------------
     def adapt(self, lam: Params, x_spt: Tensor, y_spt: Tensor, u: Tensor, steps: int | None = None) -> Params:
-        """``phi_k(lam; u)``: the task-adapted parameters (SPEC section 1)."""
+        """``phi_k(lam; u)``: the task-adapted parameters (SPEC section 1).
+
+        First order stops the gradient with respect to ``lam`` only: ``phi = lam - sg(lam) +
+        phi_hat(sg(lam); u)`` has the forward values of the second-order steps, ``d phi / d lam = I``
+        (the first-order meta-gradient), and the exact dependence on the support weights ``u``
+        (support-instance scores). Stopping the inner gradients instead would also cut ``u``.
+        ``steps=0`` (Direct-IF) is ``phi = lam`` in every mode.
+        """
         steps = self.cfg.inner_steps if steps is None else steps
+        if steps == 0:
+            return dict(lam)
         if self.cfg.mode == "implicit":
             return implicit.solve_inner(self, lam, x_spt, y_spt, u, steps)
         if self.cfg.name == "anil":
             return self._adapt_head(lam, x_spt, y_spt, u, steps)
+        if self.cfg.first_order:
+            return _first_order(lam, self._unroll({k: t.detach() for k, t in lam.items()}, x_spt, y_spt, u, steps))
+        return self._unroll(lam, x_spt, y_spt, u, steps)
+
+    def _unroll(self, lam: Params, x_spt: Tensor, y_spt: Tensor, u: Tensor, steps: int) -> Params:
+        """``steps`` differentiable SGD steps on the weighted support loss from ``lam``."""
         phi = dict(lam)
         step_grad = grad(self.inner_loss)
         for _ in range(steps):
             g = step_grad(phi, x_spt, y_spt, u)
-            if self.cfg.first_order:
-                g = {k: t.detach() for k, t in g.items()}
             phi = {k: phi[k] - self.cfg.inner_lr * g[k] for k in phi}
         return phi
 
     def _adapt_head(self, lam: Params, x_spt: Tensor, y_spt: Tensor, u: Tensor, steps: int) -> Params:
-        """ANIL: SGD on ``head.*`` over body features computed once."""
+        """ANIL: SGD on ``head.*`` over body features computed once (first order: see :meth:`adapt`)."""
         body, head = split_params(lam)
         feats = features(self.model, body, x_spt)  # [S, D]
+        start = head
+        if self.cfg.first_order:  # no derivative through the inner gradients w.r.t. lam (head or body)
+            feats, start = feats.detach(), {k: t.detach() for k, t in head.items()}
 
         def head_loss(h: Params) -> Tensor:
             losses = F.cross_entropy(head_logits(h, feats), y_spt, reduction="none")
             return (u * losses).sum() / u.shape[0]
 
         step_grad = grad(head_loss)
+        phi = dict(start)
         for _ in range(steps):
-            g = step_grad(head)
-            if self.cfg.first_order:
-                g = {k: t.detach() for k, t in g.items()}
-            head = {k: head[k] - self.cfg.inner_lr * g[k] for k in head}
-        return {**body, **head}
+            g = step_grad(phi)
+            phi = {k: phi[k] - self.cfg.inner_lr * g[k] for k in phi}
+        if self.cfg.first_order:
+            phi = _first_order(head, phi)
+        return {**body, **phi}
 
     # ---- outer level ------------------------------------------------------------------
     def query_losses(self, lam: Params, x_spt, y_spt, u, x_qry, y_qry, steps: int | None = None) -> Tensor:
@@ -132,3 +149,13 @@ class MetaLearner:
             losses.append(l)
             accs.append(a)
         return torch.cat(losses), torch.cat(accs)
+
+
+def _first_order(lam: Params, phi_hat: Params) -> Params:
+    """``lam - sg(lam) + phi_hat``: the values of ``phi_hat``, identity derivative in ``lam``.
+
+    ``sg`` (``detach``) stops every torch.func level at once, and ``lam`` never depends on
+    the weights ``u``, so ``phi_hat``'s dependence on ``u`` is kept whatever the order of
+    the transforms (grad over ``u`` of a jvp over ``lam``, or the reverse).
+    """
+    return {k: (lam[k] - lam[k].detach()) + phi_hat[k] for k in lam}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from metaif_cli.checks import choice, in_range, integer
+from metaif_cli.checks import choice, in_range, integer, positive
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import resolved_path
 from metaif_cli.influence.baseline_config import EkfacConfig, TrakConfig
@@ -19,9 +19,22 @@ METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin", "ekfac_if"
 
 
 @dataclass
+class EnsembleConfig:
+    """``checkpoints``: average the scores at the final point and the last ``checkpoints - 1``
+    saved checkpoints (1: the final point only)."""
+
+    checkpoints: int = 1
+
+    def __post_init__(self) -> None:
+        positive("ensemble.checkpoints", self.checkpoints)
+
+
+@dataclass
 class ScoreConfig:
     """Root of ``metaif score`` (``conf/score/score.yaml``).
 
+    ``ensemble.checkpoints``, ``runs``: average the scores over several points or runs of the
+    same pool (:mod:`metaif_cli.score.ensemble`).
     ``chunk``: tasks per vmapped call in every pass over tasks; memory grows with it, and
     on CPU 32 was fastest for a cnn4 on Omniglot (64 was slower and used 4 GB).
     """
@@ -38,6 +51,8 @@ class ScoreConfig:
     trak: TrakConfig = field(default_factory=TrakConfig)
     inner_solver: str = "cg"
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    runs: list[str] = field(default_factory=list)
     inner_tol: float = 1e-8
     inner_max_iter: int = 200
     chunk: int = 32
@@ -105,5 +120,10 @@ def settings_of(cfg: ScoreConfig) -> dict:
     if cfg.method != "trajectory":
         ignore.add("trajectory")
     out = {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    # ensembles: recorded only when used, so single-point settings files stay as they were
+    if out["ensemble"] == asdict(EnsembleConfig()):
+        del out["ensemble"]
+    if not out["runs"]:
+        del out["runs"]
     out["run"] = resolved_path(cfg.run)  # a relative path or a trailing slash names the same run
     return out

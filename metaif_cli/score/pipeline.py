@@ -173,6 +173,9 @@ def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, ou
         summary["solver"] = {"method": out.solve.method, "iterations": out.solve.iterations,
                              "relative_residual": out.solve.residual, "converged": out.solve.converged,
                              "eigenvalue_max": out.solve.eigenvalue_max, "reused_from_ihvp_pt": out.reused_s}
+    if out.members is not None:
+        summary["ensemble"] = {"members": out.members, "num_members": len(out.members),
+                               "seconds": sum(m["seconds"] for m in out.members)}
     summary["detection"] = {unit: detection(df, cfg.method) for unit, df in (("task", tasks_df), ("instance", inst_df))
                             if df is not None and df["corrupted"].any()}
     if cfg.plots:

@@ -1,0 +1,104 @@
+"""Ensembles of scores (issue 10; SPEC section 3): the mean of one method's scores over members.
+
+- ``ensemble.checkpoints=K``: the final parameters and the last ``K - 1`` intermediate
+  checkpoints saved before them, each scored at its own ``lam`` (its own ``s``, damping and
+  solve);
+- ``runs=[<run>, ...]``: further runs of the same task pool (same units, same weights; e.g.
+  other ``model.init_seed`` or ``optim.batch_seed``), averaged with ``run=``. A run whose pool differs is
+  refused: scores of different units cannot be averaged.
+
+Both combine (every run x its last ``K`` points). The ensemble's cost is the sum of its members'
+(``score.json``: ``ensemble.members`` with each member's seconds, solver residual and damping).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from metaif_cli import constants as C
+from metaif_cli.errors import MetaifError
+from metaif_cli.influence import compute
+from metaif_cli.influence.problem import UnitScores
+from metaif_cli.score.config import ScoreConfig
+from metaif_cli.score.run import LoadedRun, load_run
+
+log = logging.getLogger(__name__)
+
+
+def is_ensemble(cfg: ScoreConfig) -> bool:
+    return cfg.ensemble.checkpoints > 1 or bool(cfg.runs)
+
+
+def checkpoint_members(run: LoadedRun, k: int) -> list[tuple[str, LoadedRun]]:
+    """The final point and the last ``k - 1`` checkpoints saved before it, newest first."""
+    final = run.train_cfg.optim.steps
+    saved = []
+    for path in sorted((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
+        state = torch.load(path, weights_only=False)
+        if int(state["step"]) < final:
+            saved.append((int(state["step"]), state["lam"]))
+    if len(saved) < k - 1:
+        raise MetaifError(f"ensemble.checkpoints={k} needs {k - 1} checkpoints saved before the final step in "
+                          f"{run.run_dir}, which has {len(saved)}; retrain with optim.num_checkpoints>={k} or "
+                          "lower ensemble.checkpoints")
+    members = [(f"{run.run_dir.name}@final", run)]
+    for step, lam in reversed(saved[len(saved) - (k - 1):] if k > 1 else []):
+        lam = {name: t.to(run.exp.device, run.exp.dtype) for name, t in lam.items()}
+        members.append((f"{run.run_dir.name}@step_{step}", replace(run, lam=lam)))
+    return members
+
+
+def check_same_pool(ref: LoadedRun, other: LoadedRun) -> None:
+    """Refuse (one line) a run whose training pool or weights differ from ``ref``'s."""
+    a, b = ref.exp.pools["train"], other.exp.pools["train"]
+    same = (ref.train_cfg.dataset.name == other.train_cfg.dataset.name
+            and all(getattr(a, f).shape == getattr(b, f).shape and torch.equal(getattr(a, f), getattr(b, f))
+                    for f in ("spt_idx", "y_spt", "qry_idx", "y_qry"))
+            and set(ref.weights) == set(other.weights)
+            and all(torch.equal(ref.weights[k], other.weights[k]) for k in ref.weights))
+    if not same:
+        raise MetaifError(f"runs: {other.run_dir} was trained on another task pool (or other weights) than "
+                          f"{ref.run_dir}; an ensemble averages the scores of the same units, so train every "
+                          "member on the same pool (same dataset settings and seed; vary model.init_seed or optim.batch_seed)")
+
+
+def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, rank: int, world: int,
+                 single) -> compute.ScoreOutput:
+    """Mean of ``single(member_run, cfg, index, rank, world)`` over the members."""
+    if cfg.method in ("tracin", "trajectory") and cfg.ensemble.checkpoints > 1:
+        raise MetaifError(f"method={cfg.method} already follows the training run through its saved checkpoints; "
+                          "use ensemble.checkpoints=1")
+    runs = [run]
+    for path in cfg.runs:
+        if Path(path).resolve() in {r.run_dir.resolve() for r in runs}:
+            raise MetaifError(f"runs: {path} is listed twice (run= is a member already)")
+        other = load_run(Path(path), cfg.device, cfg.dtype)
+        check_same_pool(run, other)
+        runs.append(other)
+    members = [m for r in runs for m in checkpoint_members(r, cfg.ensemble.checkpoints)]
+    total: UnitScores | None = None
+    seconds: dict[str, float] = {}
+    report = []
+    for label, member in members:
+        t0 = time.perf_counter()
+        out = single(member, cfg, index, rank, world)
+        wall = time.perf_counter() - t0
+        sc = out.scores
+        total = sc if total is None else UnitScores(total.task + sc.task, total.query + sc.query,
+                                                    total.support + sc.support)
+        for stage, value in out.seconds.items():
+            seconds[stage] = seconds.get(stage, 0.0) + value
+        report.append({"member": label, "seconds": wall,
+                       "relative_residual": None if out.solve is None else out.solve.residual,
+                       "damping": None if out.curvature is None else out.curvature.damping,
+                       "eval_value": out.eval_value})
+        log.info("ensemble member %s scored in %.1f s", label, wall)
+    assert total is not None
+    m = len(members)
+    mean = UnitScores(total.task / m, total.query / m, total.support / m)
+    return compute.ScoreOutput(mean, seconds=seconds, members=report)
