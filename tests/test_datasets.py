@@ -414,7 +414,7 @@ def test_registry_unknown_name():
 
 
 def test_registry_dispatch(tmp_path, monkeypatch):
-    assert set(DATASETS) == {"digits", "omniglot", "mnist", "miniimagenet"}
+    assert set(DATASETS) == {"digits", "omniglot", "mnist", "miniimagenet", "folder"}
     ds = load_dataset("digits", tmp_path, image_size=None, rotations=False, download=False)
     assert ds.images.shape == (1797, 1, 8, 8)
     ds = load_dataset("digits", tmp_path, image_size=16, rotations=False, download=False)

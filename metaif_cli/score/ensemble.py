@@ -22,6 +22,7 @@ import torch
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
+from metaif_cli.io import load_torch
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.score.config import ScoreConfig
@@ -39,7 +40,7 @@ def checkpoint_members(run: LoadedRun, k: int) -> list[tuple[str, LoadedRun]]:
     final = run.train_cfg.optim.steps
     saved = []
     for path in sorted((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
-        state = torch.load(path, weights_only=False)
+        state = load_torch(path, f"rerun metaif train for {run.run_dir} (its checkpoint is damaged)", keys=("step", "lam"))
         if int(state["step"]) < final:
             saved.append((int(state["step"]), state["lam"]))
     if len(saved) < k - 1:
