@@ -224,7 +224,7 @@ BAD_SETTINGS = {
     "instance_roles_empty": ("train", ["corruption.instance_fraction=0.1", "corruption.instance_roles=[]"],
                              "instance_roles"),
     "lanczos_zero": ("score", ["hessian.lanczos_iters=0"], "hessian.lanczos_iters"),
-    "solver_tol_one": ("score", ["solver.tol=1"], "solver.tol"),
+    "solver_tol_above_one": ("score", ["solver.tol=1.5"], "solver.tol"),
     "chunk_zero": ("score", ["chunk=0"], "chunk"),
     "methods_empty": ("prune_and_retrain", ["methods=[]"], "methods"),
     "fractions_empty": ("prune_and_retrain", ["fractions=[]"], "fractions"),

@@ -79,7 +79,7 @@ class SolverConfig:
         choice("solver.name", self.name, SOLVERS)
         for key in ("max_iter", "terms", "power_iters", "depth", "repeats", "lissa_tasks"):
             integer(f"solver.{key}", getattr(self, key), minimum=1)
-        in_range("solver.tol", self.tol, 0.0, 1.0, low_open=True, high_open=True)
+        in_range("solver.tol", self.tol, 0.0, 1.0, low_open=True)  # 1: accept any usable solve (loose LiSSA)
 
 
 @dataclass
