@@ -21,6 +21,15 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Each module starts with one intra-op thread, whatever an earlier in-process run set."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root (holds ``conf/``, ``.venv/`` and ``metaif_cli/``)."""

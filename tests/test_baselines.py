@@ -40,14 +40,6 @@ pytest.importorskip("trak")
 DELTA_REG = 0.01
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def linear_head():
     """30 training and 10 test tasks of random images; ``lam`` = the head of a 1-layer MLP."""

@@ -24,14 +24,6 @@ from metaif_cli.train.command import run_train
 from metaif_cli.train.config import OptimConfig, TrainConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _train(root: Path, name: str, seed: int = 0, init_seed: int | None = None) -> Path:
     cfg = TrainConfig(seed=seed, device="cpu", dtype="float64", progress=False,
                       dataset=DatasetConfig(name="digits", ways=2, shots=1, queries=2, num_train_tasks=6,

@@ -27,14 +27,6 @@ DELTA_REG = 0.01
 SHAPE = (1, 4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def dense(problem, theta, form, index=None) -> torch.Tensor:
     index = torch.arange(len(problem.train)) if index is None else torch.as_tensor(index)
     eye = torch.eye(len(theta), dtype=DT)

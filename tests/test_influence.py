@@ -35,15 +35,6 @@ DT = torch.float64
 DELTA_REG = 0.01
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster (and stable on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def score_cfg(form: str = "exact", damping: float = 0.0, solver: str = "dense", gamma_scale: float = 1.0,
               num_tasks: int | None = None, auto_damping: bool = False, seed: int = 0, **solver_kw) -> ScoreConfig:
     """A score config with the damping given exactly (``auto_damping`` off unless asked)."""

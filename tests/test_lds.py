@@ -40,14 +40,6 @@ from metaif_cli.train.experiment import build_experiment, config_dict
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _dataset(n: int, **kw) -> DatasetConfig:
     kw = {"queries": 5, "num_val_tasks": 5, "num_test_tasks": 10, **kw}
     return DatasetConfig(name="digits", num_train_tasks=n, split_by="instance", split_fractions=[0.6, 0.1, 0.3], **kw)

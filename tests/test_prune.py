@@ -45,14 +45,6 @@ REPO = Path(__file__).resolve().parents[1]
 FRACTION = 0.3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _dataset(n: int) -> DatasetConfig:
     return DatasetConfig(name="digits", num_train_tasks=n, num_val_tasks=5, num_test_tasks=20, queries=5,
                          split_by="instance", split_fractions=[0.6, 0.1, 0.3])

@@ -28,14 +28,6 @@ DELTA = 0.05
 N_TRAIN, N_TEST, N_CHECK = 6, 3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _cfg() -> ScoreConfig:
     return ScoreConfig(hessian=HessianConfig(damping=0.0, auto_damping=False),
                        solver=SolverConfig(name="dense", tol=1e-8), progress=False)
