@@ -1,7 +1,8 @@
 """Fidelity benchmark: the linear datamodeling score of every scoring method on real data (issue 9).
 
 Runs ``metaif prune-and-retrain protocol=lds`` through the command line for every method
-(``if`` with the Hessian forms ``exact``, ``no_third_order`` and ``gamma``, ``direct_if``,
+(``if`` with the Hessian forms ``exact``, ``no_third_order``, ``gamma`` and ``gauss_newton``, with
+and without a 5-checkpoint ensemble; ``trajectory``, ``direct_if``,
 ``grad_sim``, ``tracin``, ``loss``, ``random``) on three CPU-sized training runs:
 
 - ``digits``: the built-in digits pool as shipped (100 training tasks, 5-way 1-shot, 10
@@ -74,13 +75,19 @@ CONFIGS = {
                  "optim.meta_batch_size=16"],
 }
 QUICK = ["dataset.num_train_tasks=12", "dataset.num_val_tasks=5", "dataset.num_test_tasks=10", "model.hidden=8",
-         "optim.steps=8", "optim.meta_batch_size=4", "optim.eval_every=4", "optim.checkpoint_every=4",
-         "optim.num_checkpoints=2"]
+         "optim.steps=10", "optim.meta_batch_size=4", "optim.eval_every=5", "optim.checkpoint_every=2",
+         "optim.num_checkpoints=5"]
 UNITS = {"digits": ["task", "support", "query"], "mnist": ["task"], "omniglot": ["task"]}
-# one command per Hessian form; the first scores every other method on the same retrainings
-VARIANTS = [("exact", ["random", "loss", "grad_sim", "tracin", "direct_if", "if"]),
-            ("no_third_order", ["if"]), ("gamma", ["if"])]
-COLUMNS = ["dataset", "unit", "method", "hessian_form", "lds", "lds_ci_low", "lds_ci_high", "ceiling",
+# one command per scoring variant (name, score overrides, methods); the first also scores every
+# baseline and the trajectory derivative on the same retrainings
+VARIANTS = [("exact", ["score.hessian.form=exact"],
+             ["random", "loss", "grad_sim", "tracin", "direct_if", "if", "trajectory"]),
+            ("no_third_order", ["score.hessian.form=no_third_order"], ["if"]),
+            ("gamma", ["score.hessian.form=gamma"], ["if"]),
+            ("gauss_newton", ["score.hessian.form=gauss_newton"], ["if"]),
+            ("exact-ens5", ["score.hessian.form=exact", "score.ensemble.checkpoints=5"], ["if"]),
+            ("gauss_newton-ens5", ["score.hessian.form=gauss_newton", "score.ensemble.checkpoints=5"], ["if"])]
+COLUMNS = ["dataset", "unit", "method", "hessian_form", "ensemble_checkpoints", "lds", "lds_ci_low", "lds_ci_high", "ceiling",
            "lds_over_ceiling", "null_band", "scoring_seconds", "num_subsets", "seeds", "fraction",
            "sd_f_full_over_seeds", "sd_target_across_subsets", "num_units", "retrain_seconds", "train_seconds",
            "test_acc"]
@@ -117,19 +124,23 @@ def lds_rows(dataset: str, unit: str, run: Path, out: Path, args) -> list[dict]:
     """The LDS commands of one dataset and unit (one per Hessian form), as rows of ``fidelity.csv``."""
     rows = []
     results_json = load_json(run / "results.json")
-    for form, methods in VARIANTS:
-        if args.baselines and form == "exact":
+    for variant, overrides, methods in VARIANTS:
+        if args.baselines and variant == "exact":
             methods = methods + ["ekfac_if", "trak"]
-        lds_dir = out / dataset / f"lds-{unit}-{form}"
+        form = overrides[0].split("=")[1]
+        ensemble = int(overrides[1].split("=")[1]) if len(overrides) > 1 else 1
+        lds_dir = out / dataset / f"lds-{unit}-{variant}"
         metaif(["prune-and-retrain", f"run={run}", "protocol=lds", f"unit={unit}", f"methods=[{','.join(methods)}]",
                 f"lds.num_subsets={args.subsets}", f"lds.seeds={args.seeds}", f"lds.fraction={args.fraction}",
-                f"lds.retrain_dir={out / dataset / 'retrains'}", f"score.hessian.form={form}", f"seed={args.seed}",
+                f"lds.retrain_dir={out / dataset / 'retrains'}", *overrides, f"seed={args.seed}",
                 f"launcher={args.launcher}", f"n_jobs={args.n_jobs}", "progress=false", f"hydra.run.dir={lds_dir}"],
-               out / "logs" / f"{dataset}-{unit}-{form}.log")
+               out / "logs" / f"{dataset}-{unit}-{variant}.log")
         table = pd.read_csv(lds_dir / "lds_results.csv")
         summary = load_json(lds_dir / "lds_summary.json")
         for rec in table.to_dict("records"):
-            rows.append({**rec, "dataset": dataset, "hessian_form": form if rec["method"] == "if" else "",
+            is_if = rec["method"] == "if"
+            rows.append({**rec, "dataset": dataset, "hessian_form": form if is_if else "",
+                         "ensemble_checkpoints": ensemble if is_if else 1,
                          "null_band": summary["null_band"], "sd_f_full_over_seeds": summary["sd_f_full_over_seeds"],
                          "sd_target_across_subsets": summary["sd_target_across_subsets"],
                          "num_units": summary["num_units"], "retrain_seconds": summary["retrain_seconds"],
@@ -142,7 +153,8 @@ def markdown(table: pd.DataFrame) -> str:
     lines = ["| dataset | unit | method | LDS [95% CI] | ceiling | LDS/ceiling | null band | scoring s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
-        name = f"if ({r.hessian_form})" if r.method == "if" else r.method
+        ens = f", {r.ensemble_checkpoints} checkpoints" if r.ensemble_checkpoints > 1 else ""
+        name = f"if ({r.hessian_form}{ens})" if r.method == "if" else r.method
         lines.append(f"| {r.dataset} | {r.unit} | {name} | {r.lds:.2f} [{r.lds_ci_low:.2f}, {r.lds_ci_high:.2f}] | "
                      f"{r.ceiling:.2f} | {r.lds_over_ceiling:.2f} | +-{r.null_band:.2f} | {r.scoring_seconds:.1f} |")
     return "\n".join(lines) + "\n"
