@@ -10,19 +10,17 @@ and score with ``f`` the mean query loss of the evaluation tasks at ``lam``.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
 
-from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.io import load_torch
 from metaif_cli.influence.compute import ScoreOutput
 from metaif_cli.io import load_torch
 from metaif_cli.meta.params import Params
 from metaif_cli.meta.tasks import TaskBatch
 from metaif_cli.score.config import ScoreConfig
+from metaif_cli.score.run import checkpoint_paths
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +40,7 @@ def pools(run, cfg: ScoreConfig) -> tuple[TaskBatch, TaskBatch]:
 
 def trak_checkpoint_paths(run, count: int) -> list[Path]:
     """The latest ``count - 1`` intermediate checkpoints of the run, or one line saying there are fewer."""
-    paths = sorted((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt"),
-                   key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    paths = checkpoint_paths(run.run_dir)
     if count - 1 > len(paths):
         raise MetaifError(f"trak.num_checkpoints={count} but the run kept {len(paths)} intermediate checkpoints; "
                           f"use trak.num_checkpoints<={len(paths) + 1} or retrain with optim.num_checkpoints>={count - 1}")

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 
-from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import load_torch
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import LoadedRun, load_run
+from metaif_cli.score.run import LoadedRun, checkpoint_paths, load_run
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ def checkpoint_members(run: LoadedRun, k: int) -> list[tuple[str, LoadedRun]]:
     """The final point and the last ``k - 1`` checkpoints saved before it, newest first."""
     final = run.train_cfg.optim.steps
     saved = []
-    for path in sorted((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
+    for path in checkpoint_paths(run.run_dir):
         state = load_torch(path, f"rerun metaif train for {run.run_dir} (its checkpoint is damaged)", keys=("step", "lam"))
         if int(state["step"]) < final:
             saved.append((int(state["step"]), state["lam"]))

@@ -59,11 +59,20 @@ def read_tasks_csv(run: LoadedRun):
                     "to rewrite it", columns=TASKS_COLUMNS, rows=rows)
 
 
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """The run's intermediate checkpoints (``checkpoints/step_<step>.pt``), in step order.
+
+    Every method that reads them (TracIn, TRAK, ensembles, the trajectory replay) lists them here.
+    """
+    paths = (run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")
+    return sorted((p for p in paths if p.stem[len("step_"):].isdigit()), key=lambda p: int(p.stem[len("step_"):]))
+
+
 def tracin_checkpoints(run: LoadedRun) -> list[tuple[torch.Tensor, float]]:
     """``(theta_c, lr_c)`` of every intermediate checkpoint kept by training."""
     spec = FlatSpec.of(run.lam)
     out = []
-    for path in sorted((run.run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
+    for path in checkpoint_paths(run.run_dir):
         saved = load_torch(path, "an intermediate checkpoint is only written while training: train again into "
                            "a new directory, or choose another method than tracin", keys=("lam", "lr"))
         out.append((spec.flatten({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()}),

@@ -25,7 +25,7 @@ from metaif_cli.influence.trajectory_step import OptimSpec, OptState
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import FlatSpec, Params
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import LoadedRun
+from metaif_cli.score.run import LoadedRun, checkpoint_paths
 from metaif_cli.train.loop import batch_schedule
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def recorded_run(run: LoadedRun) -> tuple[RecordedRun, bool]:
     names = list(init)
     states = {0: OptState(0, {k: t.detach() for k, t in init.items()})}
     saved_optimizer, complete = None, True
-    for path in sorted((run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")):
+    for path in checkpoint_paths(run_dir):
         saved = load_torch(path, fix, keys=("step", "lam"))
         if "optimizer" not in saved:
             complete = False
