@@ -23,6 +23,10 @@ EVALUATIONS = ("mean_loss", "per_task", "margin")
 class HessianConfig:
     """The total Hessian ``H`` (SPEC section 2): form, damping ``delta``, Gamma scale ``c``.
 
+    ``form``: ``gauss_newton`` (the default, chosen by the LDS benchmark: README "Fidelity"),
+    ``exact`` (the paper's total Hessian, third-order terms included), ``no_third_order`` or
+    ``gamma`` (the paper's positive-definite variant).
+
     ``num_tasks``: estimate ``H`` on a seeded subsample of training tasks (null = all; the
     default 128 keeps one Hessian product cheap on large pools and is exact on small ones).
     ``auto_damping``: meta-training rarely ends at a minimum and ``H`` is often indefinite;
@@ -41,7 +45,7 @@ class HessianConfig:
     ``G`` (the mean diagonal would need extra random probes and bounds nothing).
     """
 
-    form: str = "exact"
+    form: str = "gauss_newton"
     damping: float = 0.01
     auto_damping: bool = True
     damping_factor: float = 2.0

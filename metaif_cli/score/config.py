@@ -21,12 +21,19 @@ METHODS = ("if", "random", "loss", "direct_if", "grad_sim", "tracin", "ekfac_if"
 @dataclass
 class EnsembleConfig:
     """``checkpoints``: average the scores at the final point and the last ``checkpoints - 1``
-    saved checkpoints (1: the final point only)."""
+    saved checkpoints (1: the final point only; refused when the run kept fewer).
 
-    checkpoints: int = 1
+    ``null`` (the default): ``method=if`` averages over the final point and up to
+    ``DEFAULT_IF_CHECKPOINTS - 1`` = 4 saved checkpoints before it, as many as the run kept (the
+    setting chosen by the LDS benchmark, README "Fidelity"); every other method scores at the
+    final point alone.
+    """
+
+    checkpoints: Optional[int] = None
 
     def __post_init__(self) -> None:
-        positive("ensemble.checkpoints", self.checkpoints)
+        if self.checkpoints is not None:
+            integer("ensemble.checkpoints", self.checkpoints, minimum=1)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 - ``ensemble.checkpoints=K``: the final parameters and the last ``K - 1`` intermediate
   checkpoints saved before them, each scored at its own ``lam`` (its own ``s``, damping and
-  solve);
+  solve); unset (the default), ``method=if`` uses up to ``DEFAULT_IF_CHECKPOINTS`` points, as
+  many as the run kept, and every other method the final point alone;
 - ``runs=[<run>, ...]``: further runs of the same task pool (same units, same weights; e.g.
   other ``model.init_seed`` or ``optim.batch_seed``), averaged with ``run=``. A run whose pool differs is
   refused: scores of different units cannot be averaged.
@@ -30,18 +31,43 @@ from metaif_cli.score.run import LoadedRun, checkpoint_paths, load_run
 log = logging.getLogger(__name__)
 
 
-def is_ensemble(cfg: ScoreConfig) -> bool:
-    return cfg.ensemble.checkpoints > 1 or bool(cfg.runs)
+DEFAULT_IF_CHECKPOINTS = 5  # chosen by the LDS benchmark (scripts/bench_fidelity.py, README "Fidelity")
 
 
-def checkpoint_members(run: LoadedRun, k: int) -> list[tuple[str, LoadedRun]]:
-    """The final point and the last ``k - 1`` checkpoints saved before it, newest first."""
+def ensemble_checkpoints(cfg: ScoreConfig) -> tuple[int, bool]:
+    """Points per run to average, and whether that many are required (``False``: up to that many)."""
+    if cfg.ensemble.checkpoints is not None:
+        return cfg.ensemble.checkpoints, True
+    return (DEFAULT_IF_CHECKPOINTS, False) if cfg.method == "if" else (1, True)
+
+
+def is_ensemble(run: LoadedRun, cfg: ScoreConfig) -> bool:
+    """Whether ``cfg`` averages over more than the final point of ``run``."""
+    k, required = ensemble_checkpoints(cfg)
+    if cfg.runs or (k > 1 and required):
+        return True
+    return k > 1 and any(_step(path) < run.train_cfg.optim.steps for path in checkpoint_paths(run.run_dir))
+
+
+def _step(path: Path) -> int:
+    return int(path.stem[len("step_"):])
+
+
+def checkpoint_members(run: LoadedRun, k: int, required: bool = True) -> list[tuple[str, LoadedRun]]:
+    """The final point and the last ``k - 1`` checkpoints saved before it, newest first.
+
+    ``required=False``: as many of them as the run kept (the default ensemble of ``method=if``).
+    Raises MetaifError when ``required`` and the run kept fewer.
+    """
     final = run.train_cfg.optim.steps
     saved = []
     for path in checkpoint_paths(run.run_dir):
+        if _step(path) >= final:
+            continue
         state = load_torch(path, f"rerun metaif train for {run.run_dir} (its checkpoint is damaged)", keys=("step", "lam"))
-        if int(state["step"]) < final:
-            saved.append((int(state["step"]), state["lam"]))
+        saved.append((int(state["step"]), state["lam"]))
+    if not required:
+        k = min(k, len(saved) + 1)
     if len(saved) < k - 1:
         raise MetaifError(f"ensemble.checkpoints={k} needs {k - 1} checkpoints saved before the final step in "
                           f"{run.run_dir}, which has {len(saved)}; retrain with optim.num_checkpoints>={k} or "
@@ -70,7 +96,8 @@ def check_same_pool(ref: LoadedRun, other: LoadedRun) -> None:
 def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, rank: int, world: int,
                  single) -> compute.ScoreOutput:
     """Mean of ``single(member_run, cfg, index, rank, world)`` over the members."""
-    if cfg.method in ("tracin", "trajectory") and cfg.ensemble.checkpoints > 1:
+    k, required = ensemble_checkpoints(cfg)
+    if cfg.method in ("tracin", "trajectory") and k > 1:
         raise MetaifError(f"method={cfg.method} already follows the training run through its saved checkpoints; "
                           "use ensemble.checkpoints=1")
     runs = [run]
@@ -80,7 +107,7 @@ def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, r
         other = load_run(Path(path), cfg.device, cfg.dtype)
         check_same_pool(run, other)
         runs.append(other)
-    members = [m for r in runs for m in checkpoint_members(r, cfg.ensemble.checkpoints)]
+    members = [m for r in runs for m in checkpoint_members(r, k, required)]
     total: UnitScores | None = None
     seconds: dict[str, float] = {}
     report = []

@@ -62,12 +62,13 @@ def run_method(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None = No
     ``work_dir``: where ``ekfac_if`` keeps kronfluence's factors for reuse (the score directory).
     ``solved``/``on_solved``: a stored ``s`` to reuse, and where to store a new one
     (:func:`metaif_cli.influence.compute.influence`).
-    With ``ensemble.checkpoints > 1`` or ``runs``: the mean over the members (:mod:`ensemble`;
+    With an ensemble (``ensemble.checkpoints``, by default up to 5 points for ``method=if``, or
+    ``runs``): the mean over the members (:mod:`ensemble`;
     library baselines then keep their factors in a temporary folder per member).
     """
     from metaif_cli.score import ensemble
 
-    if ensemble.is_ensemble(cfg):  # each member solves its own s: ihvp.pt is not reused
+    if ensemble.is_ensemble(run, cfg):  # each member solves its own s: ihvp.pt is not reused
         return ensemble.run_ensemble(run, cfg, index, rank, world, run_single)
     return run_single(run, cfg, index, rank, world, work_dir, solved=solved, on_solved=on_solved)
 
