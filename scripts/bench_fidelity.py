@@ -80,11 +80,11 @@ QUICK = ["dataset.num_train_tasks=12", "dataset.num_val_tasks=5", "dataset.num_t
 UNITS = {"digits": ["task", "support", "query"], "mnist": ["task"], "omniglot": ["task"]}
 # one command per scoring variant (name, score overrides, methods); the first also scores every
 # baseline and the trajectory derivative on the same retrainings
-VARIANTS = [("exact", ["score.hessian.form=exact"],
+VARIANTS = [("exact", ["score.hessian.form=exact", "score.ensemble.checkpoints=1"],
              ["random", "loss", "grad_sim", "tracin", "direct_if", "if", "trajectory"]),
-            ("no_third_order", ["score.hessian.form=no_third_order"], ["if"]),
-            ("gamma", ["score.hessian.form=gamma"], ["if"]),
-            ("gauss_newton", ["score.hessian.form=gauss_newton"], ["if"]),
+            ("no_third_order", ["score.hessian.form=no_third_order", "score.ensemble.checkpoints=1"], ["if"]),
+            ("gamma", ["score.hessian.form=gamma", "score.ensemble.checkpoints=1"], ["if"]),
+            ("gauss_newton", ["score.hessian.form=gauss_newton", "score.ensemble.checkpoints=1"], ["if"]),
             ("exact-ens5", ["score.hessian.form=exact", "score.ensemble.checkpoints=5"], ["if"]),
             ("gauss_newton-ens5", ["score.hessian.form=gauss_newton", "score.ensemble.checkpoints=5"], ["if"])]
 COLUMNS = ["dataset", "unit", "method", "hessian_form", "ensemble_checkpoints", "lds", "lds_ci_low", "lds_ci_high", "ceiling",
@@ -128,7 +128,7 @@ def lds_rows(dataset: str, unit: str, run: Path, out: Path, args) -> list[dict]:
         if args.baselines and variant == "exact":
             methods = methods + ["ekfac_if", "trak"]
         form = overrides[0].split("=")[1]
-        ensemble = int(overrides[1].split("=")[1]) if len(overrides) > 1 else 1
+        ensemble = int(overrides[1].split("=")[1])
         lds_dir = out / dataset / f"lds-{unit}-{variant}"
         metaif(["prune-and-retrain", f"run={run}", "protocol=lds", f"unit={unit}", f"methods=[{','.join(methods)}]",
                 f"lds.num_subsets={args.subsets}", f"lds.seeds={args.seeds}", f"lds.fraction={args.fraction}",

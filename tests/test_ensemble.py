@@ -43,6 +43,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _cfg(run: Path, **kw) -> ScoreConfig:
+    kw.setdefault("ensemble", EnsembleConfig(checkpoints=1))  # the final point unless a test says otherwise
     return ScoreConfig(run=str(run), progress=False, plots=False,
                        hessian=HessianConfig(form="gauss_newton", num_tasks=None),
                        solver=SolverConfig(tol=1e-8, max_iter=300), **kw)
@@ -66,6 +67,21 @@ def test_checkpoint_ensemble_is_the_mean_of_its_members(runs):
     assert not torch.allclose(parts[0].scores.task, parts[2].scores.task)
     with pytest.raises(MetaifError, match="ensemble.checkpoints=5"):
         run_method(run, replace(cfg, ensemble=EnsembleConfig(checkpoints=5)))
+
+
+def test_default_ensemble_of_if_uses_the_checkpoints_the_run_kept(runs):
+    """Unset ``ensemble.checkpoints``: ``if`` averages up to 5 points, as many as kept (here the
+    final point and 2 checkpoints); other methods stay at the final point."""
+    run = load_run(runs["a"])
+    default = _cfg(runs["a"], ensemble=EnsembleConfig())
+    assert ScoreConfig().hessian.form == "gauss_newton" and EnsembleConfig().checkpoints is None
+    out = run_method(run, default)
+    three = run_method(run, _cfg(runs["a"], ensemble=EnsembleConfig(checkpoints=3)))
+    assert len(out.members) == 3
+    _close(out.scores, three.scores)
+    direct = run_method(run, replace(default, method="direct_if"))
+    assert direct.members is None and direct.s is not None
+    _close(direct.scores, run_method(run, _cfg(runs["a"], method="direct_if")).scores)
 
 
 def test_run_ensemble_is_the_mean_and_refuses_another_pool(runs, tmp_path):

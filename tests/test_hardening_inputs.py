@@ -24,7 +24,7 @@ from metaif_cli.influence import compute
 from metaif_cli.influence.config import HessianConfig
 from metaif_cli.prune.config import PruneConfig
 from metaif_cli.prune.pipeline import prune_and_retrain
-from metaif_cli.score.config import ScoreConfig, settings_of
+from metaif_cli.score.config import EnsembleConfig, ScoreConfig, settings_of
 from metaif_cli.score.pipeline import score
 from metaif_cli.train.command import run_train, validation_accuracy
 from metaif_cli.train.config import TrainConfig
@@ -389,7 +389,7 @@ def test_each_shard_recomputes_s(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(compute, "solve_ihvp", counted)
     out = tmp_path / "s"
-    cfg = _score_cfg(trained, unit="task")
+    cfg = _score_cfg(trained, unit="task", ensemble=EnsembleConfig(checkpoints=1))  # one s, shared through ihvp.pt
     score(dataclasses.replace(cfg, shard="0/2"), out)
     assert len(calls) == 1 and (out / C.IHVP_PT).exists()
     summary = score(dataclasses.replace(cfg, shard="1/2"), out)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from metaif_cli.train.command import run_train
-from metaif_cli.score.config import ScoreConfig
+from metaif_cli.score.config import EnsembleConfig, ScoreConfig
 from metaif_cli.score.pipeline import score
 from test_train import _train_cfg
 
@@ -44,7 +44,7 @@ def test_weights_only_every_artefact_of_train_and_score(tmp_path):
     run = tmp_path / "run"
     run_train(_train_cfg("optim.steps=4", "optim.checkpoint_every=2", "optim.num_checkpoints=2"), run)
     cfg = ScoreConfig(run=str(run), plots=False, progress=False, pred_delta_lam=["task:0", "support:1:0"],
-                      dtype="float64")
+                      dtype="float64", ensemble=EnsembleConfig(checkpoints=1))  # single point: ihvp.pt
     for i in range(2):
         score(dataclasses.replace(cfg, shard=f"{i}/2"), tmp_path / "score")
     pts = sorted(run.rglob("*.pt")) + sorted((tmp_path / "score").rglob("*.pt"))

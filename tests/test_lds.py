@@ -32,7 +32,7 @@ from metaif_cli.prune.seeds import SeedVariant, mean_t_interval, seed_variants
 from metaif_cli.reports import lds as stats
 from metaif_cli.influence.config import EvaluationConfig, HessianConfig, SolverConfig
 from metaif_cli.prune.config import LdsConfig, PruneConfig
-from metaif_cli.score.config import ScoreConfig
+from metaif_cli.score.config import EnsembleConfig, ScoreConfig
 from metaif_cli.train.command import run_train
 from metaif_cli.train.config import OptimConfig, TrainConfig
 from metaif_cli.train.experiment import build_experiment, config_dict
@@ -311,7 +311,9 @@ def test_if_reaches_high_lds_where_first_order_is_accurate(tmp_path):
                                         eval_every=200, checkpoint_every=200, num_checkpoints=1))
     run_train(cfg, tmp_path / "run")
     run = tmp_path / "run"
-    score = ScoreConfig(run=str(run), progress=False, dtype="float64", solver=SolverConfig(tol=1e-8, max_iter=300))
+    # the exact total Hessian at the final point: the first-order prediction this problem makes accurate
+    score = ScoreConfig(run=str(run), progress=False, dtype="float64", solver=SolverConfig(tol=1e-8, max_iter=300),
+                        hessian=HessianConfig(form="exact"), ensemble=EnsembleConfig(checkpoints=1))
     out = prune_and_retrain(_lds_cfg(run, tmp_path / "retrains", methods=["if", "random"], score=score,
                                      lds={"num_subsets": 16, "seeds": 1, "fraction": 0.9}), tmp_path / "lds")
     lds = out["results"].set_index("method").lds
@@ -327,7 +329,10 @@ def test_bench_fidelity_smoke(tmp_path):
                           text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(tmp_path / "fidelity.csv")
-    assert table.method.tolist() == ["random", "loss", "grad_sim", "tracin", "direct_if", "if", "if", "if"]
-    assert table.hessian_form.fillna("").tolist()[-3:] == ["exact", "no_third_order", "gamma"]
+    assert table.method.tolist() == ["random", "loss", "grad_sim", "tracin", "direct_if", "if", "trajectory"] + ["if"] * 5
+    assert table.hessian_form.fillna("").tolist()[-5:] == ["no_third_order", "gamma", "gauss_newton", "exact",
+                                                            "gauss_newton"]
+    assert table.ensemble_checkpoints.tolist()[-2:] == [5, 5] and (table.ensemble_checkpoints[:-2] == 1).all()
     assert (table.unit == "task").all() and table.lds.between(-1, 1).all()
     assert "| digits | task | if (gamma) |" in proc.stdout
+    assert "| digits | task | if (gauss_newton, 5 checkpoints) |" in proc.stdout

@@ -46,11 +46,16 @@ def test_score_outputs_and_sign_columns(train_run, tmp_path):
     assert {"instance_id", "task_id", "role", "class", "label", "pred_delta_test_loss", "rank", "method",
             "corrupted"} <= set(inst.columns)
     summary = json.loads((tmp_path / "s" / "score.json").read_text())
-    assert summary["solver"]["relative_residual"] <= 1e-4
+    # the default: Gauss-Newton at the final point and the checkpoint this run kept before it, each solved
+    assert summary["settings"]["hessian"]["form"] == "gauss_newton"
+    members = summary["ensemble"]["members"]
+    assert [m["member"].split("@")[1] for m in members] == ["final", "step_10"]
+    assert all(m["relative_residual"] <= 1e-4 for m in members)
     assert {"eval_grad", "solve", "score_units"} <= set(summary["seconds"])
     assert summary["total_seconds"] > 0
     assert "task" in summary["detection"] and 0 <= summary["detection"]["task"]["roc_auc"] <= 1
-    for name in ("ihvp.pt", "pred_delta_lam.pt", "score_distribution_task.png", "detection_curve_task.png",
+    assert not (tmp_path / "s" / "ihvp.pt").exists()  # one s per member: nothing to reuse
+    for name in ("pred_delta_lam.pt", "score_distribution_task.png", "detection_curve_task.png",
                  "instances_harmful_helpful.png"):
         assert (tmp_path / "s" / name).stat().st_size > 0
     assert not list((tmp_path / "s").glob("*.tmp"))

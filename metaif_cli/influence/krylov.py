@@ -138,7 +138,9 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, dam
     smallest Ritz value; the iteration then goes on until the estimated residual reaches
     ``tol``. If later steps reveal more negative curvature (``T_k + delta I`` not positive
     definite), the damping is chosen again by the same rule from all of ``T_k``, with no
-    further products (logged). The reported residual is the true one (one more product).
+    further products (logged). The reported residual is the true one (one more product); when
+    it lies above ``tol`` while the estimate did not (the estimate drifts in finite precision),
+    the iteration goes on to a tighter estimate, up to ``max_iter`` steps.
     ``rule`` replaces :func:`damping_from` (``hessian.form=gauss_newton``: relative to ``lambda_max``).
     """
     rule = rule or (lambda lo_, hi_: damping_from(lo_, base, factor))
@@ -150,26 +152,32 @@ def solve_auto_damped(hvp: Hvp, b: torch.Tensor, base: float, factor: float, dam
     bar = progress_bar(total=limit, desc="iHVP lanczos-cg", enabled=progress, leave=False)
     damping, lo, hi = base, 0.0, 0.0
     x = torch.zeros_like(b)  # the loop always solves at least once (at step ``choose`` or on exhaustion)
-    while process.steps < limit and not process.exhausted:
-        process.step()
-        bar.update(1)
-        if process.steps <= choose:
+    target = tol  # for the estimated residual; tightened when the true one is found above tol
+    while True:
+        while process.steps < limit and not process.exhausted:
+            process.step()
+            bar.update(1)
+            if process.steps <= choose:
+                lo, hi = process.extremes()
+                damping = rule(lo, hi)
+                if process.steps < choose and not process.exhausted:
+                    continue
+            x, estimate = process.solve(damping)
+            bar.set_postfix(residual=f"{estimate:.1e}")
+            if estimate <= target:
+                break
+        if process.extremes()[0] + damping <= 0:  # later steps found more negative curvature: same rule, all of T_k
             lo, hi = process.extremes()
             damping = rule(lo, hi)
-            if process.steps < choose and not process.exhausted:
-                continue
-        x, estimate = process.solve(damping)
-        bar.set_postfix(residual=f"{estimate:.1e}")
-        if estimate <= tol:
+            log.warning("Lanczos met negative curvature (%.3g) after its first %d steps; damping raised to %.3g",
+                        lo, damping_iters, damping)
+            x = process.solve(damping)[0]
+        residual = relative_residual(damped(hvp, damping), x, b)
+        if residual <= tol or process.steps >= limit or process.exhausted:
             break
+        # the Lanczos estimate drifts from the true residual (rounding): iterate on to a tighter estimate
+        target = min(target, estimate) * tol / residual / 2
     finish(bar)  # ends at 100% when the solve converged early
-    if process.extremes()[0] + damping <= 0:  # later steps found more negative curvature: same rule, all of T_k
-        lo, hi = process.extremes()
-        damping = rule(lo, hi)
-        log.warning("Lanczos met negative curvature (%.3g) after its first %d steps; damping raised to %.3g",
-                    lo, damping_iters, damping)
-        x = process.solve(damping)[0]
-    residual = relative_residual(damped(hvp, damping), x, b)
     result = SolveResult(x=x, iterations=process.steps, residual=residual, converged=residual <= tol,
                          method="cg")
     return AutoDampedSolve(result, damping, lo, hi)
