@@ -38,7 +38,12 @@ Usage:
     python scripts/bench_fidelity.py --data-root /work/shared/data --n-jobs 2      # the full benchmark
     python scripts/bench_fidelity.py --quick --out /tmp/fid                         # smoke run (digits, tiny)
     python scripts/bench_fidelity.py --time-retraining --data-root /work/shared/data # time one retraining each
-Rerunning resumes: finished trainings, retrainings and scorings are skipped.
+Rerunning resumes: finished trainings, retrainings and scorings are skipped. ``--collect`` runs
+nothing and rebuilds the table from the LDS runs already in ``--out``.
+
+Each row also holds its LDS minus the default's (``if`` with the Gauss-Newton Hessian and 5
+checkpoints) with a paired bootstrap interval (the same resampled subsets score both): the
+test of "beats" and "tied" used in the README.
 """
 
 from __future__ import annotations
@@ -52,12 +57,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from metaif_cli.io import load_json, save_csv, save_json  # noqa: E402
+from metaif_cli.reports.lds import paired_difference_ci  # noqa: E402
 
 log = logging.getLogger("bench_fidelity")
 
@@ -87,10 +94,11 @@ VARIANTS = [("exact", ["score.hessian.form=exact", "score.ensemble.checkpoints=1
             ("gauss_newton", ["score.hessian.form=gauss_newton", "score.ensemble.checkpoints=1"], ["if"]),
             ("exact-ens5", ["score.hessian.form=exact", "score.ensemble.checkpoints=5"], ["if"]),
             ("gauss_newton-ens5", ["score.hessian.form=gauss_newton", "score.ensemble.checkpoints=5"], ["if"])]
+DEFAULT_VARIANT = "gauss_newton-ens5"  # what metaif score's defaults compute for method=if
 COLUMNS = ["dataset", "unit", "method", "hessian_form", "ensemble_checkpoints", "lds", "lds_ci_low", "lds_ci_high", "ceiling",
            "lds_over_ceiling", "null_band", "scoring_seconds", "num_subsets", "seeds", "fraction",
            "sd_f_full_over_seeds", "sd_target_across_subsets", "num_units", "retrain_seconds", "train_seconds",
-           "test_acc"]
+           "test_acc", "diff_vs_default", "diff_ci_low", "diff_ci_high"]
 
 
 def metaif(args: list[str], log_path: Path) -> None:
@@ -120,22 +128,44 @@ def train_run(dataset: str, out: Path, data_root: str, quick: bool, default_digi
     return run
 
 
-def lds_rows(dataset: str, unit: str, run: Path, out: Path, args) -> list[dict]:
-    """The LDS commands of one dataset and unit (one per Hessian form), as rows of ``fidelity.csv``."""
-    rows = []
-    results_json = load_json(run / "results.json")
+def run_lds(dataset: str, unit: str, run: Path, out: Path, args) -> None:
+    """The LDS commands of one dataset and unit, one per scoring variant (finished retrainings are reused)."""
     for variant, overrides, methods in VARIANTS:
         if args.baselines and variant == "exact":
             methods = methods + ["ekfac_if", "trak"]
-        form = overrides[0].split("=")[1]
-        ensemble = int(overrides[1].split("=")[1])
         lds_dir = out / dataset / f"lds-{unit}-{variant}"
         metaif(["prune-and-retrain", f"run={run}", "protocol=lds", f"unit={unit}", f"methods=[{','.join(methods)}]",
                 f"lds.num_subsets={args.subsets}", f"lds.seeds={args.seeds}", f"lds.fraction={args.fraction}",
                 f"lds.retrain_dir={out / dataset / 'retrains'}", *overrides, f"seed={args.seed}",
                 f"launcher={args.launcher}", f"n_jobs={args.n_jobs}", "progress=false", f"hydra.run.dir={lds_dir}"],
                out / "logs" / f"{dataset}-{unit}-{variant}.log")
+
+
+def subset_predictions(lds_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """``lds_subsets.csv`` of one LDS run: the seed-averaged target ``[M]`` and one ``pred_<method>`` column per method."""
+    frame = pd.read_csv(lds_dir / "lds_subsets.csv").groupby("subset").mean(numeric_only=True).sort_index()
+    return frame["target"].to_numpy(), frame
+
+
+def lds_rows(dataset: str, unit: str, run: Path, out: Path) -> list[dict]:
+    """Rows of ``fidelity.csv`` for one dataset and unit, from the finished LDS runs in ``out``.
+
+    Every row also gets ``diff_vs_default`` = its LDS minus the default's (``if``, Gauss-Newton,
+    5 checkpoints), with the 95% interval of that difference over the same bootstrap resamples
+    of the subsets (paired); a difference whose interval holds 0 is a tie.
+    """
+    rows = []
+    results_json = load_json(run / "results.json")
+    default_dir = out / dataset / f"lds-{unit}-{DEFAULT_VARIANT}"
+    target, default = subset_predictions(default_dir) if default_dir.exists() else (None, None)
+    for variant, overrides, _ in VARIANTS:
+        form = overrides[0].split("=")[1]
+        ensemble = int(overrides[1].split("=")[1])
+        lds_dir = out / dataset / f"lds-{unit}-{variant}"
+        if not (lds_dir / "lds_results.csv").exists():
+            continue
         table = pd.read_csv(lds_dir / "lds_results.csv")
+        preds = subset_predictions(lds_dir)[1]
         summary = load_json(lds_dir / "lds_summary.json")
         for rec in table.to_dict("records"):
             is_if = rec["method"] == "if"
@@ -145,18 +175,23 @@ def lds_rows(dataset: str, unit: str, run: Path, out: Path, args) -> list[dict]:
                          "sd_target_across_subsets": summary["sd_target_across_subsets"],
                          "num_units": summary["num_units"], "retrain_seconds": summary["retrain_seconds"],
                          "train_seconds": results_json["train_seconds"], "test_acc": results_json["test_acc"]})
+            if default is not None:
+                diff = paired_difference_ci(preds[f"pred_{rec['method']}"].to_numpy(), default["pred_if"].to_numpy(),
+                                            target, num=1000, seed=0)
+                rows[-1].update(diff_vs_default=diff[0], diff_ci_low=diff[1], diff_ci_high=diff[2])
     return rows
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The README table: LDS [interval], ceiling, ratio, scoring seconds."""
-    lines = ["| dataset | unit | method | LDS [95% CI] | ceiling | LDS/ceiling | null band | scoring s |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The README table: LDS [interval], ceiling, ratio, difference to the default [paired interval], scoring seconds."""
+    lines = ["| dataset | unit | method | LDS [95% CI] | ceiling | LDS/ceiling | null band | minus default [95% CI] | "
+             "scoring s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
         ens = f", {r.ensemble_checkpoints} checkpoints" if r.ensemble_checkpoints > 1 else ""
         name = f"if ({r.hessian_form}{ens})" if r.method == "if" else r.method
+        diff = "" if pd.isna(r.diff_vs_default) else f"{r.diff_vs_default:+.2f} [{r.diff_ci_low:+.2f}, {r.diff_ci_high:+.2f}]"
         lines.append(f"| {r.dataset} | {r.unit} | {name} | {r.lds:.2f} [{r.lds_ci_low:.2f}, {r.lds_ci_high:.2f}] | "
-                     f"{r.ceiling:.2f} | {r.lds_over_ceiling:.2f} | +-{r.null_band:.2f} | {r.scoring_seconds:.1f} |")
+                     f"{r.ceiling:.2f} | {r.lds_over_ceiling:.2f} | +-{r.null_band:.2f} | {diff} | {r.scoring_seconds:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,6 +249,8 @@ def main() -> None:
     parser.add_argument("--default-digits", action="store_true", help="digits as metaif train ships it")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny digits run, 3 subsets x 2 seeds, "
                         "task units")
+    parser.add_argument("--collect", action="store_true", help="run nothing: rebuild the table from the finished "
+                        "LDS runs in --out (every dataset and unit present)")
     parser.add_argument("--time-retraining", action="store_true", help="train the runs, time one retraining "
                         "of each, estimate the full benchmark; no LDS")
     args = parser.parse_args()
@@ -236,11 +273,18 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     for dataset in datasets:
-        run = train_run(dataset, args.out, args.data_root, args.quick, args.default_digits)
+        if args.collect:
+            run = args.out / dataset / "run"
+            if not run.exists():
+                continue
+        else:
+            run = train_run(dataset, args.out, args.data_root, args.quick, args.default_digits)
         for unit in UNITS[dataset]:
             if units is None or unit in units:
-                rows.extend(lds_rows(dataset, unit, run, args.out, args))
-    table = pd.DataFrame(rows)[COLUMNS]
+                if not args.collect:
+                    run_lds(dataset, unit, run, args.out, args)
+                rows.extend(lds_rows(dataset, unit, run, args.out))
+    table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     results = args.results or (args.out / "fidelity.csv" if args.quick else REPO / "scripts" / "results" / "fidelity.csv")
     save_csv(table, results)
     print(markdown(table))

@@ -101,6 +101,19 @@ def test_lds_and_bootstrap_against_direct_computation():
     direct = direct[np.isfinite(direct)]
     assert (low, high) == pytest.approx((np.percentile(direct, 2.5), np.percentile(direct, 97.5)))
     assert low <= stats.lds(pred, target) <= high
+    # paired difference: both predictions scored on the same resamples
+    other = np.array([1.0, 0.0, 2.0, -1.0, 0.5, 0.2, 3.0])
+    diff, d_low, d_high = stats.paired_difference_ci(pred, other, target, num=300, seed=5)
+    assert diff == pytest.approx(stats.lds(pred, target) - stats.lds(other, target))
+    rng = np.random.default_rng(5)
+    paired = []
+    for _ in range(300):
+        idx = rng.integers(0, 7, size=7)
+        paired.append(stats.spearman(pred[idx], target[idx]) - stats.spearman(other[idx], target[idx]))
+    paired = np.array(paired)
+    paired = paired[np.isfinite(paired)]
+    assert (d_low, d_high) == pytest.approx((np.percentile(paired, 2.5), np.percentile(paired, 97.5)))
+    assert stats.paired_difference_ci(pred, pred, target, num=50)[1:] == (0.0, 0.0)
     assert stats.null_band(50) == pytest.approx(1.96 / 7)
     assert stats.ratio(0.4, 0.8) == pytest.approx(0.5) and np.isnan(stats.ratio(0.4, 0.0))
 

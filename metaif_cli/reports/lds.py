@@ -8,6 +8,9 @@ Pure functions of arrays, tested against direct computations on hand-made number
   TRAK definition);
 - :func:`bootstrap_ci`: 95% percentile interval of :func:`lds` over subsets resampled with
   replacement (seeded);
+- :func:`paired_difference_ci`: ``LDS(a) - LDS(b)`` of two predictions of the same subsets,
+  with the 95% percentile interval of the difference over the same resamples of the subsets
+  (paired: the subsets' shared noise cancels, so it is narrower than comparing two intervals);
 - :func:`noise_ceiling`: split-half reliability of the seed-averaged target. The ``R``
   retrainings of every subset are split into two disjoint halves of ``h = floor(R/2)``
   seeds; the Spearman correlation ``r`` across subsets of the two half means, averaged
@@ -64,6 +67,26 @@ def bootstrap_ci(pred: np.ndarray, target: np.ndarray, num: int = 1000, seed: in
         return float("nan"), float("nan")
     tail = 100 * (1 - level) / 2
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def paired_difference_ci(pred_a: np.ndarray, pred_b: np.ndarray, target: np.ndarray, num: int = 1000,
+                         seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """``(LDS(a) - LDS(b), low, high)``: the difference and its percentile interval over ``num``
+    resamples of the subsets (rows, with replacement), each resample scoring both predictions.
+
+    ``pred_a``, ``pred_b``, ``target``: ``[M]`` (or ``[M, T]``) over the same subsets.
+    """
+    a, b = np.asarray(pred_a, dtype=np.float64), np.asarray(pred_b, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    m = target.shape[0]
+    rng = np.random.default_rng(seed)
+    diffs = np.array([lds(a[idx], target[idx]) - lds(b[idx], target[idx]) for idx in rng.integers(0, m, size=(num, m))])
+    diffs = diffs[np.isfinite(diffs)]
+    point = lds(a, target) - lds(b, target)
+    if diffs.size == 0:
+        return point, float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    return point, float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail))
 
 
 def half_splits(r: int, max_splits: int = 100, seed: int = 0) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
