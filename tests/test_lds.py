@@ -168,6 +168,26 @@ def test_cli_refuses_a_bad_lds_value_in_one_line(tiny_run):
     assert len(lines) == 1 and "lds.fraction=1.5" in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("overrides, fragment", [
+    (["lds.fraction=0.01"], "keeps 0 of the 12 units"),
+    (["methods=[oracle]"], "needs at least one of the methods"),
+    (["methods=[if]", "score.ensemble.checkpoints=7"], "ensemble.checkpoints=7 needs 6 checkpoints"),
+    (["methods=[tracin]", "score.ensemble.checkpoints=2"], "already follows the training run"),
+    (["retrain_seeds=2"], "use lds.seeds=2"),
+])
+def test_cli_refuses_bad_lds_settings_before_any_retraining_or_write(tiny_run, tmp_path, overrides, fragment):
+    """Settings that can only be checked against the run are refused before a retraining or a write."""
+    out, retrains = tmp_path / "out", tmp_path / "retrains"
+    proc = subprocess.run([sys.executable, "-m", "metaif_cli.cli", "prune-and-retrain", f"run={tiny_run}",
+                           "protocol=lds", "lds.num_subsets=3", "lds.seeds=2", f"lds.retrain_dir={retrains}",
+                           *overrides, f"hydra.run.dir={out}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert not out.exists() and not retrains.exists()
+
+
 def test_subsets_and_seeds_are_deterministic_given_seed():
     a, b, c = (draw_subsets(20, 6, 0.75, s) for s in (3, 3, 4))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))

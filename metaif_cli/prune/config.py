@@ -104,3 +104,6 @@ class PruneConfig:
         if self.retrain_seeds > 1 and self.update != "retrain" and self.protocol == "remove":
             raise MetaifError(f"retrain_seeds={self.retrain_seeds} applies to update=retrain only; "
                               f"update={self.update} does not retrain")
+        if self.retrain_seeds > 1 and self.protocol == "lds":
+            raise MetaifError(f"retrain_seeds={self.retrain_seeds} applies to protocol=remove and loo; protocol=lds "
+                              f"retrains every subset lds.seeds times: use lds.seeds={self.retrain_seeds}")

@@ -73,12 +73,26 @@ F_VALUES_JSON = "f_values.json"  # cached f per meta-test task, inside each retr
 # ---------------------------------------------------------------------------------- subsets, jobs
 
 
-def draw_subsets(n: int, num: int, fraction: float, seed: int) -> list[np.ndarray]:
-    """``num`` sorted index arrays of the units *removed* from ``n``; each subset keeps ``round(fraction n)``."""
+def check_fraction(fraction: float, n: int) -> int:
+    """The units a subset keeps, ``round(fraction n)``; MetaifError unless it keeps one and removes one."""
     keep = int(round(fraction * n))
     if not 0 < keep < n:
         raise MetaifError(f"lds.fraction={fraction} keeps {keep} of the {n} units; choose a fraction that keeps at "
                           "least one unit and removes at least one")
+    return keep
+
+
+def check_methods(methods: list[str]) -> list[str]:
+    """The methods of ``methods`` that predict a loss change; MetaifError when there is none."""
+    kept = [m for m in methods if m in LDS_METHODS]
+    if not kept:
+        raise MetaifError("protocol=lds needs at least one of the methods " + ", ".join(LDS_METHODS))
+    return kept
+
+
+def draw_subsets(n: int, num: int, fraction: float, seed: int) -> list[np.ndarray]:
+    """``num`` sorted index arrays of the units *removed* from ``n``; each subset keeps ``round(fraction n)``."""
+    keep = check_fraction(fraction, n)
     rng = np.random.default_rng(seed)
     return [np.sort(rng.permutation(n)[: n - keep]) for _ in range(num)]
 
@@ -194,12 +208,10 @@ def _finite(x) -> float | None:
 def lds_protocol(ctx, gather: Callable) -> dict:
     """Retrain the subsets, score every method once, report the LDS against the noise ceiling."""
     cfg, lcfg = ctx.cfg, ctx.cfg.lds
-    methods = [m for m in cfg.methods if m in LDS_METHODS]
+    methods = check_methods(cfg.methods)
     skipped = [m for m in cfg.methods if m not in LDS_METHODS]
     if skipped:
         log.info("protocol=lds skips %s: they predict no loss change", ", ".join(skipped))
-    if not methods:
-        raise MetaifError("protocol=lds needs at least one of the methods " + ", ".join(LDS_METHODS))
     plan = plan_lds(ctx)
     jobs, keys = lds_jobs(ctx, plan)
     log.info("LDS: %d subsets x %d seeds of %d %s units (keep %.2f), %d retrainings in %s", len(plan.subsets),

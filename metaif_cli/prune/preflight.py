@@ -3,7 +3,8 @@ sections 5-6).
 
 Against the loaded run: ``scores=`` (read and checked in full), the number of units each
 fraction removes (at least one, never the whole pool), ``num_units`` and
-``retrain_subset`` against the units there are, the scoring settings under ``score.*``
+``retrain_subset`` against the units there are, ``lds.fraction`` and ``methods`` of
+``protocol=lds``, the scoring settings under ``score.*`` (ensembles included)
 (the same checks as ``metaif score``), and the run of an output directory already there.
 """
 
@@ -17,6 +18,7 @@ from metaif_cli.checks import at_most
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import load_json, resolved_path
 from metaif_cli.prune.config import PruneConfig
+from metaif_cli.prune.lds import check_fraction, check_methods
 from metaif_cli.prune.select import num_to_remove
 from metaif_cli.prune.units import Unit
 from metaif_cli.score.preflight import check_inputs
@@ -46,6 +48,9 @@ def check_units(cfg: PruneConfig, units: list[Unit]) -> None:
             if num_to_remove(f, n) >= n:
                 raise MetaifError(f"fractions: {f} would remove all {n} {cfg.unit} units and leave nothing to "
                                   f"train on; use fractions below {(n - 0.5) / n:.3g}")
+    if cfg.protocol == "lds":
+        check_fraction(cfg.lds.fraction, n)
+        check_methods(cfg.methods)
     if cfg.protocol == "loo":
         at_most("num_units", cfg.num_units, n, f"the {cfg.unit} units of the run",
                 f"use num_units <= {n}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import load_torch
 from metaif_cli.influence import compute
@@ -51,6 +52,25 @@ def is_ensemble(run: LoadedRun, cfg: ScoreConfig) -> bool:
 
 def _step(path: Path) -> int:
     return int(path.stem[len("step_"):])
+
+
+def check_ensemble(run: LoadedRun, cfg: ScoreConfig) -> None:
+    """Refuse, before any work, an ensemble the run cannot give: more checkpoints than it kept, a
+    checkpoint ensemble of a method that follows the checkpoints already, or a missing run."""
+    k, required = ensemble_checkpoints(cfg)
+    if cfg.method in ("tracin", "trajectory") and k > 1:
+        raise MetaifError(f"method={cfg.method} already follows the training run through its saved checkpoints; "
+                          "use ensemble.checkpoints=1")
+    if required and k > 1:
+        kept = sum(_step(p) < run.train_cfg.optim.steps for p in checkpoint_paths(run.run_dir))
+        if kept < k - 1:
+            raise MetaifError(f"ensemble.checkpoints={k} needs {k - 1} checkpoints saved before the final step in "
+                              f"{run.run_dir}, which has {kept}; retrain with optim.num_checkpoints>={k} or "
+                              "lower ensemble.checkpoints")
+    for path in cfg.runs:
+        if not (Path(path) / C.MODEL_PT).is_file():
+            raise MetaifError(f"runs: {path} is not a finished metaif train run (no {C.MODEL_PT}); list the "
+                              "directories of finished runs")
 
 
 def checkpoint_members(run: LoadedRun, k: int, required: bool = True) -> list[tuple[str, LoadedRun]]:
@@ -96,10 +116,8 @@ def check_same_pool(ref: LoadedRun, other: LoadedRun) -> None:
 def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, rank: int, world: int,
                  single) -> compute.ScoreOutput:
     """Mean of ``single(member_run, cfg, index, rank, world)`` over the members."""
+    check_ensemble(run, cfg)
     k, required = ensemble_checkpoints(cfg)
-    if cfg.method in ("tracin", "trajectory") and k > 1:
-        raise MetaifError(f"method={cfg.method} already follows the training run through its saved checkpoints; "
-                          "use ensemble.checkpoints=1")
     runs = [run]
     for path in cfg.runs:
         if Path(path).resolve() in {r.run_dir.resolve() for r in runs}:

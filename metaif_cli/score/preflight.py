@@ -13,6 +13,7 @@ from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.score.config import ScoreConfig, parse_unit_ref
 from metaif_cli.score.baselines import LIBRARY_METHODS, trak_checkpoint_paths
+from metaif_cli.score.ensemble import check_ensemble
 from metaif_cli.score.run import LoadedRun, checkpoint_paths
 
 
@@ -57,6 +58,7 @@ def check_inputs(run: LoadedRun, cfg: ScoreConfig, shards: int, what: str = "sha
         if cfg.evaluation.kind == "per_task":
             raise MetaifError("method=trajectory scores one evaluation function; use evaluation.kind=mean_loss "
                               "or margin")
+    check_ensemble(run, cfg)
     if cfg.method == "tracin" and not checkpoint_paths(run.run_dir):
         raise MetaifError(f"method=tracin needs the intermediate checkpoints of the training run, and "
                           f"{run.run_dir / C.CHECKPOINT_DIR} holds none; retrain with optim.num_checkpoints > 0")
