@@ -41,8 +41,8 @@ Usage:
 Rerunning resumes: finished trainings, retrainings and scorings are skipped. ``--collect`` runs
 nothing and rebuilds the table from the LDS runs already in ``--out``.
 
-Each row also holds its LDS minus the default's (``if`` with the Gauss-Newton Hessian and 5
-checkpoints) with a paired bootstrap interval (the same resampled subsets score both): the
+Each row also holds its LDS minus the default's (``if`` with the Gauss-Newton Hessian, 5
+checkpoints and damping 0.1 of the largest eigenvalue) with a paired bootstrap interval (the same resampled subsets score both): the
 test of "beats" and "tied" used in the README.
 """
 
@@ -91,11 +91,15 @@ VARIANTS = [("exact", ["score.hessian.form=exact", "score.ensemble.checkpoints=1
              ["random", "loss", "grad_sim", "tracin", "direct_if", "if", "trajectory"]),
             ("no_third_order", ["score.hessian.form=no_third_order", "score.ensemble.checkpoints=1"], ["if"]),
             ("gamma", ["score.hessian.form=gamma", "score.ensemble.checkpoints=1"], ["if"]),
-            ("gauss_newton", ["score.hessian.form=gauss_newton", "score.ensemble.checkpoints=1"], ["if"]),
+            ("gauss_newton", ["score.hessian.form=gauss_newton", "score.ensemble.checkpoints=1",
+                              "score.hessian.damping=0.01"], ["if"]),
             ("exact-ens5", ["score.hessian.form=exact", "score.ensemble.checkpoints=5"], ["if"]),
-            ("gauss_newton-ens5", ["score.hessian.form=gauss_newton", "score.ensemble.checkpoints=5"], ["if"])]
-DEFAULT_VARIANT = "gauss_newton-ens5"  # what metaif score's defaults compute for method=if
-COLUMNS = ["dataset", "unit", "method", "hessian_form", "ensemble_checkpoints", "lds", "lds_ci_low", "lds_ci_high", "ceiling",
+            ("gauss_newton-ens5", ["score.hessian.form=gauss_newton", "score.ensemble.checkpoints=5",
+                                   "score.hessian.damping=0.01"], ["if"]),
+            ("gauss_newton-ens5-damping0.1", ["score.hessian.form=gauss_newton", "score.ensemble.checkpoints=5",
+                                              "score.hessian.damping=0.1"], ["if"])]
+DEFAULT_VARIANT = "gauss_newton-ens5-damping0.1"  # what metaif score's defaults compute for method=if
+COLUMNS = ["dataset", "unit", "method", "hessian_form", "ensemble_checkpoints", "damping", "lds", "lds_ci_low", "lds_ci_high", "ceiling",
            "lds_over_ceiling", "null_band", "scoring_seconds", "num_subsets", "seeds", "fraction",
            "sd_f_full_over_seeds", "sd_target_across_subsets", "num_units", "retrain_seconds", "train_seconds",
            "test_acc", "diff_vs_default", "diff_ci_low", "diff_ci_high"]
@@ -161,6 +165,7 @@ def lds_rows(dataset: str, unit: str, run: Path, out: Path) -> list[dict]:
     for variant, overrides, _ in VARIANTS:
         form = overrides[0].split("=")[1]
         ensemble = int(overrides[1].split("=")[1])
+        damping = float(overrides[2].split("=")[1]) if len(overrides) > 2 else None
         lds_dir = out / dataset / f"lds-{unit}-{variant}"
         if not (lds_dir / "lds_results.csv").exists():
             continue
@@ -171,6 +176,7 @@ def lds_rows(dataset: str, unit: str, run: Path, out: Path) -> list[dict]:
             is_if = rec["method"] == "if"
             rows.append({**rec, "dataset": dataset, "hessian_form": form if is_if else "",
                          "ensemble_checkpoints": ensemble if is_if else 1,
+                         "damping": damping if is_if else None,
                          "null_band": summary["null_band"], "sd_f_full_over_seeds": summary["sd_f_full_over_seeds"],
                          "sd_target_across_subsets": summary["sd_target_across_subsets"],
                          "num_units": summary["num_units"], "retrain_seconds": summary["retrain_seconds"],
@@ -188,6 +194,7 @@ def markdown(table: pd.DataFrame) -> str:
              "scoring s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
         ens = f", {r.ensemble_checkpoints} checkpoints" if r.ensemble_checkpoints > 1 else ""
+        ens += f", damping {r.damping:g}" if pd.notna(r.damping) else ""
         name = f"if ({r.hessian_form}{ens})" if r.method == "if" else r.method
         diff = "" if pd.isna(r.diff_vs_default) else f"{r.diff_vs_default:+.2f} [{r.diff_ci_low:+.2f}, {r.diff_ci_high:+.2f}]"
         lines.append(f"| {r.dataset} | {r.unit} | {name} | {r.lds:.2f} [{r.lds_ci_low:.2f}, {r.lds_ci_high:.2f}] | "

@@ -134,3 +134,17 @@ def test_auto_damping_is_a_fraction_of_the_largest_eigenvalue():
     assert curv.damping == pytest.approx(0.05 * top, rel=1e-6)
     x = torch.linalg.solve(g + curv.damping * torch.eye(len(theta), dtype=DT), b)
     assert float((res.x - x).norm() / x.norm()) < 1e-8
+
+
+def test_default_damping_follows_the_form():
+    """Unset ``hessian.damping``: 0.1 of ``lambda_max`` for ``gauss_newton`` with ``auto_damping``
+    (the default chosen by the LDS benchmark), 0.01 absolute otherwise; a set value is kept."""
+    from metaif_cli.errors import MetaifError
+
+    assert HessianConfig().damping is None and HessianConfig().base_damping() == 0.1
+    assert HessianConfig(auto_damping=False).base_damping() == 0.01
+    assert HessianConfig(form="exact").base_damping() == 0.01
+    assert HessianConfig(damping=0.05).base_damping() == 0.05
+    assert HessianConfig(form="exact", damping=0.0).base_damping() == 0.0
+    with pytest.raises(MetaifError, match="hessian.damping"):
+        HessianConfig(damping=-1.0)

@@ -362,10 +362,14 @@ def test_bench_fidelity_smoke(tmp_path):
                           text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(tmp_path / "fidelity.csv")
-    assert table.method.tolist() == ["random", "loss", "grad_sim", "tracin", "direct_if", "if", "trajectory"] + ["if"] * 5
-    assert table.hessian_form.fillna("").tolist()[-5:] == ["no_third_order", "gamma", "gauss_newton", "exact",
-                                                            "gauss_newton"]
-    assert table.ensemble_checkpoints.tolist()[-2:] == [5, 5] and (table.ensemble_checkpoints[:-2] == 1).all()
+    assert table.method.tolist() == ["random", "loss", "grad_sim", "tracin", "direct_if", "if", "trajectory"] + ["if"] * 6
+    assert table.hessian_form.fillna("").tolist()[-6:] == ["no_third_order", "gamma", "gauss_newton", "exact",
+                                                            "gauss_newton", "gauss_newton"]
+    assert table.ensemble_checkpoints.tolist()[-3:] == [5, 5, 5] and (table.ensemble_checkpoints[:-3] == 1).all()
+    assert table.damping.tolist()[-2:] == [0.01, 0.1]
+    default = table.iloc[-1]  # the default's own paired difference is exactly 0
+    assert (default.diff_vs_default, default.diff_ci_low, default.diff_ci_high) == (0, 0, 0)
+    assert table.diff_vs_default.notna().all()
     assert (table.unit == "task").all() and table.lds.between(-1, 1).all()
     assert "| digits | task | if (gamma) |" in proc.stdout
-    assert "| digits | task | if (gauss_newton, 5 checkpoints) |" in proc.stdout
+    assert "| digits | task | if (gauss_newton, 5 checkpoints, damping 0.1) |" in proc.stdout

@@ -81,7 +81,7 @@ def damping_rule(cfg: InfluenceSettings) -> krylov.DampingRule | None:
     (``damping`` itself when the estimate is not positive); other forms: :func:`krylov.damping_from`."""
     if cfg.hessian.form != "gauss_newton":
         return None
-    frac = cfg.hessian.damping
+    frac = cfg.hessian.base_damping()
     return lambda lo, hi: frac * hi if hi > 0 else frac
 
 
@@ -106,10 +106,10 @@ def choose_damping(problem: Problem, theta: Tensor, cfg: InfluenceSettings, star
     index = hessian_index(problem.n, cfg)
     hvp, _, gamma = make_hvp(problem, theta, cfg, index)
     if not cfg.hessian.auto_damping:
-        return Curvature(cfg.hessian.damping, gamma=gamma)
+        return Curvature(cfg.hessian.base_damping(), gamma=gamma)
     if start is None:
         start = problem.eval_grad(theta)[1].mean(0)
-    damping, lo, hi = krylov.estimate_damping(hvp, start, cfg.hessian.damping, cfg.hessian.damping_factor,
+    damping, lo, hi = krylov.estimate_damping(hvp, start, cfg.hessian.base_damping(), cfg.hessian.damping_factor,
                                               cfg.hessian.lanczos_iters, damping_rule(cfg))
     log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", lo, hi, damping)
     return Curvature(damping, lo, hi, gamma)
@@ -145,7 +145,7 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSetting
     hvp, hvp_subset, gamma = make_hvp(problem, theta, cfg, index)
     sc = cfg.solver
     if curvature is None and cfg.hessian.auto_damping and sc.name == "cg":
-        auto = krylov.solve_auto_damped(hvp, b, cfg.hessian.damping, cfg.hessian.damping_factor,
+        auto = krylov.solve_auto_damped(hvp, b, cfg.hessian.base_damping(), cfg.hessian.damping_factor,
                                         cfg.hessian.lanczos_iters, sc.max_iter, sc.tol, progress=cfg.progress,
                                         rule=damping_rule(cfg))
         result = auto.result
