@@ -27,7 +27,7 @@ from metaif_cli.io import load_torch
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import LoadedRun, checkpoint_paths, load_run
+from metaif_cli.score.run import LoadedRun, checkpoint_paths, checkpoint_step, load_run
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,20 @@ def is_ensemble(run: LoadedRun, cfg: ScoreConfig) -> bool:
     k, required = ensemble_checkpoints(cfg)
     if cfg.runs or (k > 1 and required):
         return True
-    return k > 1 and any(_step(path) < run.train_cfg.optim.steps for path in checkpoint_paths(run.run_dir))
+    return k > 1 and bool(earlier_checkpoints(run))
 
 
-def _step(path: Path) -> int:
-    return int(path.stem[len("step_"):])
+def earlier_checkpoints(run: LoadedRun) -> list[Path]:
+    """The checkpoints ``run`` saved before its final step, oldest first."""
+    return [p for p in checkpoint_paths(run.run_dir) if checkpoint_step(p) < run.train_cfg.optim.steps]
+
+
+def _require_checkpoints(run: LoadedRun, k: int, kept: int) -> None:
+    """MetaifError (one line) when ``k`` points need more than the ``kept`` earlier checkpoints."""
+    if kept < k - 1:
+        raise MetaifError(f"ensemble.checkpoints={k} needs {k - 1} checkpoints saved before the final step in "
+                          f"{run.run_dir}, which has {kept}; retrain with optim.num_checkpoints>={k} or "
+                          "lower ensemble.checkpoints")
 
 
 def check_ensemble(run: LoadedRun, cfg: ScoreConfig) -> None:
@@ -62,11 +71,7 @@ def check_ensemble(run: LoadedRun, cfg: ScoreConfig) -> None:
         raise MetaifError(f"method={cfg.method} already follows the training run through its saved checkpoints; "
                           "use ensemble.checkpoints=1")
     if required and k > 1:
-        kept = sum(_step(p) < run.train_cfg.optim.steps for p in checkpoint_paths(run.run_dir))
-        if kept < k - 1:
-            raise MetaifError(f"ensemble.checkpoints={k} needs {k - 1} checkpoints saved before the final step in "
-                              f"{run.run_dir}, which has {kept}; retrain with optim.num_checkpoints>={k} or "
-                              "lower ensemble.checkpoints")
+        _require_checkpoints(run, k, len(earlier_checkpoints(run)))
     for path in cfg.runs:
         if not (Path(path) / C.MODEL_PT).is_file():
             raise MetaifError(f"runs: {path} is not a finished metaif train run (no {C.MODEL_PT}); list the "
@@ -79,23 +84,15 @@ def checkpoint_members(run: LoadedRun, k: int, required: bool = True) -> list[tu
     ``required=False``: as many of them as the run kept (the default ensemble of ``method=if``).
     Raises MetaifError when ``required`` and the run kept fewer.
     """
-    final = run.train_cfg.optim.steps
-    saved = []
-    for path in checkpoint_paths(run.run_dir):
-        if _step(path) >= final:
-            continue
-        state = load_torch(path, f"rerun metaif train for {run.run_dir} (its checkpoint is damaged)", keys=("step", "lam"))
-        saved.append((int(state["step"]), state["lam"]))
+    earlier = earlier_checkpoints(run)
     if not required:
-        k = min(k, len(saved) + 1)
-    if len(saved) < k - 1:
-        raise MetaifError(f"ensemble.checkpoints={k} needs {k - 1} checkpoints saved before the final step in "
-                          f"{run.run_dir}, which has {len(saved)}; retrain with optim.num_checkpoints>={k} or "
-                          "lower ensemble.checkpoints")
+        k = min(k, len(earlier) + 1)
+    _require_checkpoints(run, k, len(earlier))
     members = [(f"{run.run_dir.name}@final", run)]
-    for step, lam in reversed(saved[len(saved) - (k - 1):] if k > 1 else []):
-        lam = {name: t.to(run.exp.device, run.exp.dtype) for name, t in lam.items()}
-        members.append((f"{run.run_dir.name}@step_{step}", replace(run, lam=lam)))
+    for path in reversed(earlier[len(earlier) - (k - 1):] if k > 1 else []):  # only the checkpoints used are read
+        state = load_torch(path, f"rerun metaif train for {run.run_dir} (its checkpoint is damaged)", keys=("step", "lam"))
+        lam = {name: t.to(run.exp.device, run.exp.dtype) for name, t in state["lam"].items()}
+        members.append((f"{run.run_dir.name}@step_{int(state['step'])}", replace(run, lam=lam)))
     return members
 
 

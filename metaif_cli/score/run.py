@@ -59,13 +59,19 @@ def read_tasks_csv(run: LoadedRun):
                     "to rewrite it", columns=TASKS_COLUMNS, rows=rows)
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a ``step_<step>.pt`` checkpoint, from its name (None for any other name)."""
+    digits = path.stem[len("step_"):]
+    return int(digits) if path.stem.startswith("step_") and digits.isdigit() else None
+
+
 def checkpoint_paths(run_dir: Path) -> list[Path]:
     """The run's intermediate checkpoints (``checkpoints/step_<step>.pt``), in step order.
 
     Every method that reads them (TracIn, TRAK, ensembles, the trajectory replay) lists them here.
     """
-    paths = (run_dir / C.CHECKPOINT_DIR).glob("step_*.pt")
-    return sorted((p for p in paths if p.stem[len("step_"):].isdigit()), key=lambda p: int(p.stem[len("step_"):]))
+    paths = [p for p in (run_dir / C.CHECKPOINT_DIR).glob("step_*.pt") if checkpoint_step(p) is not None]
+    return sorted(paths, key=checkpoint_step)
 
 
 def tracin_checkpoints(run: LoadedRun) -> list[tuple[torch.Tensor, float]]:
