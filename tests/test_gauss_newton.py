@@ -148,3 +148,34 @@ def test_default_damping_follows_the_form():
     assert HessianConfig(form="exact", damping=0.0).base_damping() == 0.0
     with pytest.raises(MetaifError, match="hessian.damping"):
         HessianConfig(damping=-1.0)
+
+
+def test_default_lanczos_steps_follow_the_form():
+    """Unset ``hessian.lanczos_iters``: 8 steps choose the damping of ``gauss_newton`` with
+    ``auto_damping`` (``lambda_max`` only), 20 for every other case; a set value is kept."""
+    from metaif_cli.errors import MetaifError
+
+    assert HessianConfig().lanczos_iters is None and HessianConfig().damping_iters() == 8
+    assert HessianConfig(auto_damping=False).damping_iters() == 20
+    assert HessianConfig(form="exact").damping_iters() == 20
+    assert HessianConfig(lanczos_iters=5).damping_iters() == 5
+    with pytest.raises(MetaifError, match="hessian.lanczos_iters"):
+        HessianConfig(lanczos_iters=0)
+
+
+def test_default_lanczos_steps_give_the_damping_and_solve_of_a_full_basis():
+    """The 8-step default against ``len(theta)`` steps (exact Ritz values): the same damping to
+    the accuracy of the largest Ritz value, and ``s`` equal to the dense solve at that damping."""
+    model, learner, spec, theta, train, test, opts = setup("anil")
+    problem = H.make_problem(learner, spec, train, test, DELTA_REG)
+    b = problem.eval_grad(theta)[1].mean(0)
+    solver = SolverConfig(name="cg", tol=1e-10, max_iter=200)
+    short, curv_short = compute.solve_ihvp(problem, theta, b, ScoreConfig(solver=solver, progress=False))
+    full, curv_full = compute.solve_ihvp(problem, theta, b, ScoreConfig(
+        hessian=HessianConfig(lanczos_iters=len(theta)), solver=solver, progress=False))
+    assert curv_short.damping <= curv_full.damping * (1 + 1e-9)  # Ritz values lie inside the spectrum
+    assert curv_short.damping == pytest.approx(curv_full.damping, rel=0.05)
+    g = dense(problem, theta, "gauss_newton")
+    x = torch.linalg.solve(g + curv_short.damping * torch.eye(len(theta), dtype=DT), b)
+    assert short.converged and float((short.x - x).norm() / x.norm()) < 1e-8
+    assert float((short.x - full.x).norm() / full.x.norm()) < 0.05

@@ -98,7 +98,7 @@ class Curvature:
 def choose_damping(problem: Problem, theta: Tensor, cfg: InfluenceSettings, start: Tensor | None = None) -> Curvature:
     """The damping ``delta``: configured, or raised above ``-lambda_min`` when ``auto_damping``.
 
-    The spectrum is estimated by ``hessian.lanczos_iters`` Lanczos steps started at the
+    The spectrum is estimated by ``hessian.damping_iters()`` Lanczos steps started at the
     evaluation gradient ``D f`` (``start`` when the caller has it): then the damping equals
     the one :func:`solve_ihvp` chooses on its way to ``s`` (:mod:`krylov`), so predicted
     parameter changes and scores share one ``H + delta I``.
@@ -110,7 +110,7 @@ def choose_damping(problem: Problem, theta: Tensor, cfg: InfluenceSettings, star
     if start is None:
         start = problem.eval_grad(theta)[1].mean(0)
     damping, lo, hi = krylov.estimate_damping(hvp, start, cfg.hessian.base_damping(), cfg.hessian.damping_factor,
-                                              cfg.hessian.lanczos_iters, damping_rule(cfg))
+                                              cfg.hessian.damping_iters(), damping_rule(cfg))
     log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", lo, hi, damping)
     return Curvature(damping, lo, hi, gamma)
 
@@ -146,7 +146,7 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSetting
     sc = cfg.solver
     if curvature is None and cfg.hessian.auto_damping and sc.name == "cg":
         auto = krylov.solve_auto_damped(hvp, b, cfg.hessian.base_damping(), cfg.hessian.damping_factor,
-                                        cfg.hessian.lanczos_iters, sc.max_iter, sc.tol, progress=cfg.progress,
+                                        cfg.hessian.damping_iters(), sc.max_iter, sc.tol, progress=cfg.progress,
                                         rule=damping_rule(cfg))
         result = auto.result
         curvature = Curvature(auto.damping, auto.eigenvalue_min, auto.eigenvalue_max, gamma)
