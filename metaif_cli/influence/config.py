@@ -85,8 +85,9 @@ class HessianConfig:
         """``lanczos_iters``, or when unset the form's default: the Lanczos steps whose Ritz values
         choose the damping (the solve goes on to ``solver.tol`` from the same basis, so it may take
         more). ``gauss_newton`` with ``auto_damping``: 8, as the damping needs ``lambda_max`` only;
-        on the ``omniglot_cpu`` run and on digits, 8 steps give the same damping as 20 to 7 digits
-        and task scores with Spearman 1.0000 against 20 steps, for 0.4 of the solve's time
+        on the ``omniglot_cpu`` run and on digits, 8 steps give the same damping as 20 to 6-8
+        significant digits and task scores with Spearman 1.0000 against 20 steps, for 0.4 of the
+        solve's time
         (``scripts/bench_score.py``, README "Scoring speed"). Every other case: 20 (the most
         negative eigenvalue of an indefinite ``H`` is found later)."""
         if self.lanczos_iters is not None:
