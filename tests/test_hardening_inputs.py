@@ -98,8 +98,18 @@ def test_refused_command_writes_before_it_checks_score(trained, tmp_path):
     assert not out.exists()  # no score_settings.json left behind to refuse the corrected command
     score(_score_cfg(trained, method="random"), out)
     before = _snapshot(out)
-    _refused(score, _score_cfg(trained, method="random", seed=3), out, fragment="other settings")
+    _refused(score, _score_cfg(trained, method="random", seed=3), out, fragment="other settings (seed differ")
     assert _snapshot(out) == before
+
+
+def test_score_refusal_names_every_differing_setting():
+    """Nested settings are named with dots; keys on one side only count; equal dicts name nothing."""
+    from metaif_cli.score.pipeline import differing_keys
+
+    have = {"method": "if", "seed": 0, "hessian": {"form": "gauss_newton", "lanczos_iters": 20}, "old": 1}
+    want = {"method": "if", "seed": 1, "hessian": {"form": "gauss_newton", "lanczos_iters": None}}
+    assert differing_keys(have, want) == ["hessian.lanczos_iters", "old", "seed"]
+    assert differing_keys(want, want) == []
 
 
 def test_refused_command_writes_before_it_checks_score_resolved_run(trained, tmp_path, monkeypatch):

@@ -46,9 +46,24 @@ def check_settings(out_dir: Path, cfg: ScoreConfig) -> None:
     saved = load_json(path, "delete it, or pass overwrite=true")
     if isinstance(saved, dict) and "run" in saved:
         saved = {**saved, "run": resolved_path(saved["run"])}
-    if saved != settings_of(cfg):
-        raise MetaifError(f"{out_dir} holds scores computed with other settings; pass overwrite=true to replace "
-                          "them or choose another hydra.run.dir")
+    wanted = settings_of(cfg)
+    if saved != wanted:
+        differ = differing_keys(saved, wanted) if isinstance(saved, dict) else []
+        which = f" ({', '.join(differ)} differ, per {C.SCORE_SETTINGS_JSON})" if differ else ""
+        raise MetaifError(f"{out_dir} holds scores computed with other settings{which}; pass overwrite=true to "
+                          "replace them or choose another hydra.run.dir")
+
+
+def differing_keys(have: dict, want: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings whose values differ between two nested dicts, sorted."""
+    out = []
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def shard_slice(n: int, i: int, k: int) -> torch.Tensor:
