@@ -3,7 +3,8 @@
 Each check raises :class:`~metaif_cli.errors.MetaifError` with the fix in the message. Every
 numeric check is written so that NaN and infinity fail it (``not value > 0`` rather than
 ``value <= 0``: every comparison with NaN is false), and integer settings must be whole
-numbers (a bool is not one).
+numbers (a bool is not one). :func:`differing_keys` names what differs between saved and
+current settings, for the commands that refuse to mix them.
 """
 
 from __future__ import annotations
@@ -81,3 +82,15 @@ def at_most(name: str, value: int, limit: int, what: str, fix: str) -> None:
     """``value`` must not exceed ``limit`` (``what``: what the limit counts; ``fix``: what to do)."""
     if value > limit:
         raise MetaifError(f"{name}={value} exceeds {what} ({limit}); {fix}")
+
+
+def differing_keys(have: dict, want: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings whose values differ between two nested dicts, sorted."""
+    out = []
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out

@@ -104,7 +104,7 @@ def test_refused_command_writes_before_it_checks_score(trained, tmp_path):
 
 def test_score_refusal_names_every_differing_setting():
     """Nested settings are named with dots; keys on one side only count; equal dicts name nothing."""
-    from metaif_cli.score.pipeline import differing_keys
+    from metaif_cli.checks import differing_keys
 
     have = {"method": "if", "seed": 0, "hessian": {"form": "gauss_newton", "lanczos_iters": 20}, "old": 1}
     want = {"method": "if", "seed": 1, "hessian": {"form": "gauss_newton", "lanczos_iters": None}}

@@ -79,7 +79,7 @@ def make_hvp(problem: Problem, theta: Tensor, cfg: InfluenceSettings, index: Ten
 def damping_rule(cfg: InfluenceSettings) -> krylov.DampingRule | None:
     """``hessian.form=gauss_newton`` (positive semi-definite): ``delta = damping * lambda_max``
     (``damping`` itself when the estimate is not positive); other forms: :func:`krylov.damping_from`."""
-    if cfg.hessian.form != "gauss_newton":
+    if not cfg.hessian.relative_damping:
         return None
     frac = cfg.hessian.base_damping()
     return lambda lo, hi: frac * hi if hi > 0 else frac

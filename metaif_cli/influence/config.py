@@ -72,6 +72,11 @@ class HessianConfig:
         if self.num_tasks is not None:
             integer("hessian.num_tasks", self.num_tasks, minimum=1)
 
+    @property
+    def relative_damping(self) -> bool:
+        """Whether the damping is a fraction of ``lambda_max`` (``gauss_newton`` with ``auto_damping``)."""
+        return self.form == "gauss_newton" and self.auto_damping
+
     def base_damping(self) -> float:
         """``damping``, or when unset the form's default: ``gauss_newton`` with ``auto_damping`` 0.1
         (a fraction of ``lambda_max``: as accurate by the LDS benchmark as 0.01 on three datasets,
@@ -79,7 +84,7 @@ class HessianConfig:
         README "Fidelity"), every other case 0.01 (an absolute damping)."""
         if self.damping is not None:
             return self.damping
-        return 0.1 if self.form == "gauss_newton" and self.auto_damping else 0.01
+        return 0.1 if self.relative_damping else 0.01
 
     def damping_iters(self) -> int:
         """``lanczos_iters``, or when unset the form's default: the Lanczos steps whose Ritz values
@@ -87,12 +92,11 @@ class HessianConfig:
         more). ``gauss_newton`` with ``auto_damping``: 8, as the damping needs ``lambda_max`` only;
         on the ``omniglot_cpu`` run and on digits, 8 steps give the same damping as 20 to 6-8
         significant digits and task scores with Spearman 1.0000 against 20 steps, for 0.4 of the
-        solve's time
-        (``scripts/bench_score.py``, README "Scoring speed"). Every other case: 20 (the most
+        solve's time (``scripts/bench_score.py``, README "Scoring speed"). Every other case: 20 (the most
         negative eigenvalue of an indefinite ``H`` is found later)."""
         if self.lanczos_iters is not None:
             return self.lanczos_iters
-        return 8 if self.form == "gauss_newton" and self.auto_damping else 20
+        return 8 if self.relative_damping else 20
 
 
 @dataclass

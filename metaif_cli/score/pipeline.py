@@ -19,6 +19,7 @@ import torch
 
 import metaif_cli
 from metaif_cli import constants as C
+from metaif_cli.checks import differing_keys
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores
@@ -52,18 +53,6 @@ def check_settings(out_dir: Path, cfg: ScoreConfig) -> None:
         which = f" ({', '.join(differ)} differ, per {C.SCORE_SETTINGS_JSON})" if differ else ""
         raise MetaifError(f"{out_dir} holds scores computed with other settings{which}; pass overwrite=true to "
                           "replace them or choose another hydra.run.dir")
-
-
-def differing_keys(have: dict, want: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the settings whose values differ between two nested dicts, sorted."""
-    out = []
-    for key in sorted(set(have) | set(want)):
-        a, b = have.get(key), want.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differing_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}")
-    return out
 
 
 def shard_slice(n: int, i: int, k: int) -> torch.Tensor:

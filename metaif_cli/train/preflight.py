@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from metaif_cli import constants as C
+from metaif_cli.checks import differing_keys
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import load_json, load_torch, resolved_path
 from metaif_cli.train.config import TrainConfig
@@ -58,6 +59,6 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     for path, saved in saved_configs(run_dir):
         have = comparable(saved) if isinstance(saved, dict) else {}
         if have != wanted:
-            differ = sorted(k for k in set(wanted) | set(have) if have.get(k) != wanted.get(k))
+            differ = differing_keys(have, wanted)
             raise MetaifError(f"{run_dir} holds a run with different settings ({', '.join(differ)} differ, per "
                               f"{path.name}); choose another hydra.run.dir or delete that directory")
