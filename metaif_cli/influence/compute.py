@@ -115,21 +115,6 @@ def choose_damping(problem: Problem, theta: Tensor, cfg: InfluenceSettings, star
     return Curvature(damping, lo, hi, gamma)
 
 
-def _run_solver(cfg: InfluenceSettings, hvp: Callable, hvp_subset: Callable, b: Tensor, damping: float
-                ) -> solvers.SolveResult:
-    sc = cfg.solver
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if sc.name == "dense":
-        return solvers.solve_dense(hvp, b, damping)
-    if sc.name == "cg":
-        return solvers.solve_cg(hvp, b, damping, max_iter=sc.max_iter, tol=sc.tol, progress=cfg.progress)
-    if sc.name == "neumann":
-        return solvers.solve_neumann(hvp, b, damping, terms=sc.terms, power_iters=sc.power_iters, generator=gen,
-                                     tol=sc.tol, progress=cfg.progress)
-    return solvers.solve_lissa(hvp_subset, b, damping, depth=sc.depth, repeats=sc.repeats, generator=gen,
-                               power_hvp=hvp, tol=sc.tol, progress=cfg.progress)
-
-
 def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSettings,
                curvature: Curvature | None = None) -> tuple[solvers.SolveResult, Curvature]:
     """``(H + delta I)^{-1} b`` with the configured Hessian form and solver; refuses an unconverged solve.
@@ -154,14 +139,19 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSetting
                  auto.eigenvalue_max, auto.damping)
     else:
         curvature = curvature or choose_damping(problem, theta, cfg, b)
-        result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
+
+        def run(damping: float) -> solvers.SolveResult:
+            return solvers.solve(sc, hvp, b, damping, hvp_subset=hvp_subset,
+                                 generator=torch.Generator().manual_seed(cfg.seed), progress=cfg.progress)
+
+        result = run(curvature.damping)
         retries = 3 if cfg.hessian.auto_damping and sc.name == "cg" else 0
         while not result.converged and retries > 0 and result.iterations < sc.max_iter:
             retries -= 1
             curvature = Curvature(2 * curvature.damping, curvature.eigenvalue_min, curvature.eigenvalue_max,
                                   curvature.gamma)
             log.warning("CG met negative curvature; retrying with damping %.3g", curvature.damping)
-            result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
+            result = run(curvature.damping)
     if not sc.allow_unconverged:
         solvers.check_converged(result, sc.tol)
     elif float(b.to(torch.float64).norm()) > 0:

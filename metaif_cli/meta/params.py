@@ -43,13 +43,3 @@ class FlatSpec:
             out[name] = vec[start : start + size].reshape(shape)
             start += size
         return out
-
-
-def tree_add(a: Mapping[str, Tensor], b: Mapping[str, Tensor], scale: float = 1.0) -> Params:
-    """``a + scale * b`` key by key."""
-    return {k: a[k] + scale * b[k] for k in a}
-
-
-def tree_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """Sum of elementwise products over all keys (a scalar tensor)."""
-    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
