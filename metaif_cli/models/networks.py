@@ -32,15 +32,21 @@ def _norm(cfg: ModelConfig, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "softplus": nn.Softplus, "tanh": nn.Tanh}
+_POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+
+
 def _cnn_body(cfg: ModelConfig, in_channels: int) -> nn.Sequential:
-    """``cfg.layers`` blocks of conv3x3-norm-ReLU with max-pool (or stride 2, MAML's Omniglot net)."""
+    """``cfg.layers`` blocks of conv3x3-norm-activation with max or average pooling (or stride 2,
+    MAML's Omniglot net)."""
     blocks: list[nn.Module] = []
     channels = in_channels
     for _ in range(cfg.layers):
         stride = 2 if cfg.pool == "stride" else 1
-        blocks += [nn.Conv2d(channels, cfg.hidden, 3, stride=stride, padding=1), _norm(cfg, cfg.hidden), nn.ReLU()]
-        if cfg.pool == "max":
-            blocks.append(nn.MaxPool2d(2, ceil_mode=True))
+        blocks += [nn.Conv2d(channels, cfg.hidden, 3, stride=stride, padding=1), _norm(cfg, cfg.hidden),
+                   _ACTIVATIONS[cfg.activation]()]
+        if cfg.pool in _POOLS:
+            blocks.append(_POOLS[cfg.pool](2, ceil_mode=True))
         channels = cfg.hidden
     blocks.append(nn.Flatten())
     return nn.Sequential(*blocks)
@@ -50,7 +56,7 @@ def _mlp_body(cfg: ModelConfig, in_features: int) -> nn.Sequential:
     blocks: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for _ in range(cfg.layers):
-        blocks += [nn.Linear(width, cfg.hidden), _norm(cfg, cfg.hidden), nn.ReLU()]
+        blocks += [nn.Linear(width, cfg.hidden), _norm(cfg, cfg.hidden), _ACTIVATIONS[cfg.activation]()]
         width = cfg.hidden
     return nn.Sequential(*blocks)
 

@@ -17,7 +17,7 @@ from metaif_cli.checks import differing_keys
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import load_json, load_torch, resolved_path
 from metaif_cli.train.config import TrainConfig
-from metaif_cli.train.experiment import config_dict
+from metaif_cli.train.experiment import config_dict, config_from_dict
 
 DISPLAY_ONLY = ("progress", "device", "logger")  # they do not change the result
 PATH_KEYS = (("data", "root"), ("data", "cache"))
@@ -30,6 +30,15 @@ def comparable(config: dict) -> dict:
         if isinstance(out.get(section), dict) and key in out[section]:
             out[section] = {**out[section], key: resolved_path(out[section][key])}
     return out
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved train config with the settings added since it was written at their defaults (a run
+    trained before ``model.activation`` existed is a ReLU run); as saved when it cannot be rebuilt."""
+    try:
+        return config_dict(config_from_dict(saved))
+    except (MetaifError, TypeError, ValueError):
+        return saved
 
 
 def saved_configs(run_dir: Path) -> list[tuple[Path, dict]]:
@@ -57,7 +66,7 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
         raise MetaifError(f"hydra.run.dir={run_dir} is a file, not a directory; choose another hydra.run.dir")
     wanted = comparable(config_dict(cfg))
     for path, saved in saved_configs(run_dir):
-        have = comparable(saved) if isinstance(saved, dict) else {}
+        have = comparable(with_defaults(saved)) if isinstance(saved, dict) else {}
         if have != wanted:
             differ = differing_keys(have, wanted)
             raise MetaifError(f"{run_dir} holds a run with different settings ({', '.join(differ)} differ, per "
