@@ -49,6 +49,21 @@ class LdsConfig:
 
 
 @dataclass
+class RetrainConfig:
+    """How retrainings are executed (:mod:`metaif_cli.prune.launch`); no number depends on it.
+
+    ``batch``: retrainings of the run trained together in one process as a stack of models
+    (:mod:`metaif_cli.train.batched`; each launcher job runs one such batch); 1 trains them
+    one at a time with the single-run loop.
+    """
+
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        integer("retrain.batch", self.batch, minimum=1)
+
+
+@dataclass
 class PruneConfig:
     """Root of ``metaif prune-and-retrain`` (``conf/prune_and_retrain/prune_and_retrain.yaml``)."""
 
@@ -70,6 +85,7 @@ class PruneConfig:
     lds: LdsConfig = field(default_factory=LdsConfig)
     launcher: str = "sequential"
     n_jobs: int = 2
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     seed: int = 0
     progress: bool = True
