@@ -200,8 +200,9 @@ def _train_stack(exp: Experiment, group: list[_Live], start: int, stop_after: in
         lg.close()
     if end < steps:
         return [None] * size
+    tests = evaluate_stack(exp, lam, "test", use_vmap)
     return [finish(s.exp, s.member.run_dir, member_params(lam, j), elapsed[j] + wall / size, steps,
-                   s.member.weights, s.setup, metrics[j]) for j, s in enumerate(group)]
+                   s.member.weights, s.setup, metrics[j], tests[j]) for j, s in enumerate(group)]
 
 
 def _checkpoint(group: list[_Live], lam: Params, opt: torch.optim.Optimizer, gens: list[torch.Generator],

@@ -249,14 +249,15 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
 
 
 def finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: int, weights: PoolWeights,
-            setup: dict, metrics: list[dict]) -> dict:
+           setup: dict, metrics: list[dict], test: dict[str, float] | None = None) -> dict:
     """Evaluate on the meta-test pool and write ``metrics.csv``, ``model.pt`` and ``results.json``.
 
     ``metrics.csv`` is written again here: a run killed between its last checkpoint and
     its ``metrics.csv`` resumes at the final step, and must still end with every row.
+    ``test``: the meta-test metrics when already computed (a batch of retrainings evaluates them at once).
     """
     save_csv(pd.DataFrame(metrics), run_dir / C.METRICS_CSV)
-    test = evaluate_split(exp, lam, "test")
+    test = test if test is not None else evaluate_split(exp, lam, "test")
     save_torch({"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg), "setup": setup,
                 "lam": {k: v.detach().cpu() for k, v in lam.items()}, "weights": weights.as_dict(),
                 "model_args": {"image_shape": list(exp.dataset.image_shape), "ways": exp.cfg.dataset.ways}},
