@@ -99,11 +99,23 @@ def measure(args) -> dict:
     if args.engine == "joblib":
         rss += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 * args.n_jobs
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+    kept = [torch.load(where / f"r{j}" / "model.pt", weights_only=True)["lam"] for j in range(min(3, args.count))]
+    torch.save(kept, where.parent / f"lams-{args.engine}-{args.k}.pt")  # compared with sequential's by the parent
     shutil.rmtree(where, ignore_errors=True)
     return {"engine": args.engine, "k": args.k, "n_jobs": args.n_jobs if args.engine == "joblib" else 1,
             "retrainings": args.count, "wall_seconds": wall, "seconds_per_retraining": wall / args.count,
             "retrainings_per_hour": 3600 * args.count / wall, "peak_rss_mb": rss, "peak_gpu_mb": gpu,
             "device": args.device, "load_average": load}
+
+
+def agreement(where: Path, engine: str, k: int) -> float:
+    """Largest ``max|lam - lam_seq| / max|lam_seq|`` over the parameters of the retrainings both engines ran."""
+    import torch
+
+    mine = torch.load(where / f"lams-{engine}-{k}.pt", weights_only=True)
+    ref = torch.load(where / "lams-sequential-1.pt", weights_only=True)
+    return max(float((a[n].double() - b[n].double()).abs().max() / b[n].double().abs().max())
+               for a, b in zip(mine, ref) for n in b)
 
 
 def run_measure(run: Path, work: Path, engine: str, k: int, count: int, n_jobs: int, device: str) -> dict:
@@ -155,6 +167,7 @@ def main() -> None:
         base = part[0]["retrainings_per_hour"]
         for row in part:
             row["speedup_vs_sequential"] = row["retrainings_per_hour"] / base
+            row["max_rel_diff_vs_sequential"] = agreement(work / dataset, row["engine"], row["k"])
         rows += part
         table = pd.DataFrame(rows)
         table = table[COLUMNS + [c for c in table.columns if c not in COLUMNS]]
