@@ -107,4 +107,5 @@ def test_bad_retrain_batch_is_refused_in_one_line(value):
     with pytest.raises(MetaifError, match=r"retrain\.batch=") as err:
         RetrainConfig(batch=value)
     assert "\n" not in str(err.value)
-    assert np.isfinite(RetrainConfig().batch)
+    assert RetrainConfig().size_for("mlp") > 1 and RetrainConfig().size_for("cnn4") == 1
+    assert RetrainConfig(batch=3).size_for("cnn4") == 3

@@ -54,13 +54,25 @@ class RetrainConfig:
 
     ``batch``: retrainings of the run trained together in one process as a stack of models
     (:mod:`metaif_cli.train.batched`; each launcher job runs one such batch); 1 trains them
-    one at a time with the single-run loop.
+    one at a time with the single-run loop; null (default): :data:`AUTO_BATCH` for ``model=mlp``
+    (the best K measured by ``scripts/bench_retrain.py`` on the fidelity MLPs), 1 for ``cnn4``
+    and custom models (not measured; their stacks take far more memory).
     """
 
-    batch: int = 1
+    batch: Optional[int] = None
 
     def __post_init__(self) -> None:
-        integer("retrain.batch", self.batch, minimum=1)
+        if self.batch is not None:
+            integer("retrain.batch", self.batch, minimum=1)
+
+    def size_for(self, model: str) -> int:
+        """The batch size used for a run of ``model`` (``model.name``)."""
+        if self.batch is not None:
+            return self.batch
+        return AUTO_BATCH if model == "mlp" else 1
+
+
+AUTO_BATCH = 64  # scripts/results/bench_retrain.csv: the fastest K on the digits fidelity MLP
 
 
 @dataclass
