@@ -44,7 +44,7 @@ def short_hash(text: str) -> str:
     return hashlib.sha1(str(text).encode()).hexdigest()[:8]
 
 
-DISPLAY_KEYS = ("progress", "overwrite", "plots", "launcher", "n_jobs", "score.progress", "logger", "logger.log_dir")
+DISPLAY_KEYS = ("progress", "overwrite", "plots", "launcher", "n_jobs", "retrain.batch", "score.progress", "logger", "logger.log_dir")
 
 
 def sweep_hash(argv: list[str]) -> str:

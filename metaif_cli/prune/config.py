@@ -49,6 +49,33 @@ class LdsConfig:
 
 
 @dataclass
+class RetrainConfig:
+    """How retrainings are executed (:mod:`metaif_cli.prune.launch`); no number depends on it.
+
+    ``batch``: retrainings of the run trained together in one process as a stack of models
+    (:mod:`metaif_cli.train.batched`; each launcher job runs one such batch); 1 trains them
+    one at a time with the single-run loop; null (default): :data:`AUTO_BATCH` for ``model=mlp``
+    (the best K measured by ``scripts/bench_retrain.py`` on the fidelity MLPs), 1 for ``cnn4``
+    and custom models (not measured; their stacks take far more memory).
+    """
+
+    batch: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.batch is not None:
+            integer("retrain.batch", self.batch, minimum=1)
+
+    def size_for(self, model: str) -> int:
+        """The batch size used for a run of ``model`` (``model.name``)."""
+        if self.batch is not None:
+            return self.batch
+        return AUTO_BATCH if model == "mlp" else 1
+
+
+AUTO_BATCH = 64  # scripts/results/bench_retrain.csv: the fastest K on the digits fidelity MLP
+
+
+@dataclass
 class PruneConfig:
     """Root of ``metaif prune-and-retrain`` (``conf/prune_and_retrain/prune_and_retrain.yaml``)."""
 
@@ -70,6 +97,7 @@ class PruneConfig:
     lds: LdsConfig = field(default_factory=LdsConfig)
     launcher: str = "sequential"
     n_jobs: int = 2
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     seed: int = 0
     progress: bool = True

@@ -70,7 +70,7 @@ class Context:
 
     def launch(self, jobs):
         c = self.cfg
-        return launch(jobs, c.launcher, c.n_jobs, self.out_dir / "submitit", c.progress)
+        return launch(jobs, c.launcher, c.n_jobs, self.out_dir / "submitit", c.progress, batch=c.retrain.size_for(self.run.train_cfg.model.name))
 
 
 def prune_and_retrain(cfg: PruneConfig, out_dir: Path, before_write: Callable[[], None] | None = None) -> dict:

@@ -71,7 +71,7 @@ def batch_schedule(cfg, n: int, steps: int) -> list[torch.Tensor]:
     return [draw_batch(gen, n, cfg.optim.meta_batch_size) for _ in range(steps)]
 
 
-def _make_optimizer(params: list[torch.Tensor], exp: Experiment) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.Tensor], exp: Experiment) -> torch.optim.Optimizer:
     o = exp.cfg.optim
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=o.lr)
@@ -87,7 +87,7 @@ def evaluate_split(exp: Experiment, lam: Params, split: str) -> dict[str, float]
     return {f"{split}_acc": acc, f"{split}_acc_ci95": acc_ci, f"{split}_loss": loss, f"{split}_loss_ci95": loss_ci}
 
 
-def _init_digest(init_lam: Params | None) -> str | None:
+def init_digest(init_lam: Params | None) -> str | None:
     """A fingerprint of a warm start (``None``: the seeded initialisation)."""
     if init_lam is None:
         return None
@@ -98,7 +98,7 @@ def _init_digest(init_lam: Params | None) -> str | None:
     return h.hexdigest()
 
 
-def _state(step, lam, opt, gen, metrics, elapsed, exp, weights, setup) -> dict:
+def train_state(step, lam, opt, gen, metrics, elapsed, exp, weights, setup) -> dict:
     return {"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg), "step": step, "setup": setup,
             "lam": {k: v.detach().cpu() for k, v in lam.items()}, "optimizer": opt.state_dict(),
             "generator": gen.get_state(), "metrics": metrics, "elapsed": elapsed,
@@ -118,7 +118,7 @@ def _same_setup(saved: dict, exp: Experiment, weights: PoolWeights, setup: dict)
 RETRAIN_FIX = "rerun the same metaif train command to rewrite it"
 
 
-def _finished_results(run_dir: Path, exp: Experiment, weights: PoolWeights, setup: dict) -> dict | None:
+def finished_run_results(run_dir: Path, exp: Experiment, weights: PoolWeights, setup: dict) -> dict | None:
     """``results.json`` when ``run_dir`` holds this very run, finished and intact; else None.
 
     A damaged or missing ``model.pt``, ``results.json`` or ``metrics.csv`` makes the run
@@ -137,7 +137,7 @@ def _finished_results(run_dir: Path, exp: Experiment, weights: PoolWeights, setu
     return results if _same_setup(model, exp, weights, setup) else None
 
 
-def _resume_state(run_dir: Path, exp: Experiment, weights: PoolWeights, setup: dict) -> dict | None:
+def resume_state(run_dir: Path, exp: Experiment, weights: PoolWeights, setup: dict) -> dict | None:
     """The newest intact checkpoint of this run (``checkpoint_last.pt``, else ``checkpoint_prev.pt``).
 
     A damaged checkpoint is skipped with a warning (and removed, so it is not kept as the
@@ -186,18 +186,18 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     steps = steps or o.steps
     results_path, last_path = run_dir / C.RESULTS_JSON, run_dir / C.CHECKPOINT_LAST
     prev_path = run_dir / C.CHECKPOINT_PREV
-    setup = {"steps": steps, "init": _init_digest(init_lam)}
+    setup = {"steps": steps, "init": init_digest(init_lam)}
     clean_stale_temporaries(run_dir)
-    finished = _finished_results(run_dir, exp, weights, setup)
+    finished = finished_run_results(run_dir, exp, weights, setup)
     if finished is not None:
         log.info("run in %s is complete; nothing to do", run_dir)
         return finished
     lam = {k: v.clone() for k, v in (init_lam or exp.initial_params()).items()}
     leaves = [t.requires_grad_(False) for t in lam.values()]
-    opt = _make_optimizer(leaves, exp)
+    opt = make_optimizer(leaves, exp)
     gen = batch_generator(cfg)
     start, metrics, elapsed = 0, [], 0.0
-    saved = _resume_state(run_dir, exp, weights, setup)
+    saved = resume_state(run_dir, exp, weights, setup)
     if saved is not None:
         for k in lam:
             lam[k].copy_(saved["lam"][k].to(lam[k]))
@@ -240,23 +240,24 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
         if done % o.checkpoint_every == 0 or done == steps:
             now = elapsed + time.perf_counter() - t0
             # the previous good state is kept as checkpoint_prev.pt, should this one be damaged
-            save_torch(_state(done, lam, opt, gen, metrics, now, exp, weights, setup), last_path, prev_path)
+            save_torch(train_state(done, lam, opt, gen, metrics, now, exp, weights, setup), last_path, prev_path)
             save_csv(pd.DataFrame(metrics), run_dir / C.METRICS_CSV)
     elapsed += time.perf_counter() - t0
     bar.close()
     logger.close()
-    return _finish(exp, run_dir, lam, elapsed, steps, weights, setup, metrics)
+    return finish(exp, run_dir, lam, elapsed, steps, weights, setup, metrics)
 
 
-def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: int, weights: PoolWeights,
-            setup: dict, metrics: list[dict]) -> dict:
+def finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: int, weights: PoolWeights,
+           setup: dict, metrics: list[dict], test: dict[str, float] | None = None) -> dict:
     """Evaluate on the meta-test pool and write ``metrics.csv``, ``model.pt`` and ``results.json``.
 
     ``metrics.csv`` is written again here: a run killed between its last checkpoint and
     its ``metrics.csv`` resumes at the final step, and must still end with every row.
+    ``test``: the meta-test metrics when already computed (a batch of retrainings evaluates them at once).
     """
     save_csv(pd.DataFrame(metrics), run_dir / C.METRICS_CSV)
-    test = evaluate_split(exp, lam, "test")
+    test = test if test is not None else evaluate_split(exp, lam, "test")
     save_torch({"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg), "setup": setup,
                 "lam": {k: v.detach().cpu() for k, v in lam.items()}, "weights": weights.as_dict(),
                 "model_args": {"image_shape": list(exp.dataset.image_shape), "ways": exp.cfg.dataset.ways}},
