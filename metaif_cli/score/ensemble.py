@@ -119,7 +119,7 @@ def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, r
     for path in cfg.runs:
         if Path(path).resolve() in {r.run_dir.resolve() for r in runs}:
             raise MetaifError(f"runs: {path} is listed twice (run= is a member already)")
-        other = load_run(Path(path), cfg.device, cfg.dtype)
+        other = load_run(Path(path), cfg.device, cfg.dtype, cfg.factory)
         check_same_pool(run, other)
         runs.append(other)
     members = [m for r in runs for m in checkpoint_members(r, k, required)]

@@ -1,0 +1,169 @@
+"""Issue 21 (trust), kinds 1, 2, 5, 6, 10 and 11.
+
+1. Nothing a command reads from a run directory, a ``scores=`` folder or an imported file
+   chooses code to import or call: a crafted ``model.factory`` or a pickle that would run code
+   runs nothing, over every reader (score, prune-and-retrain, train's resume, import, the API).
+2. A refused command deletes only what it created; the clean-up of temporaries removes only
+   metaif's own marked temporaries.
+5. Non-finite parameters, losses or metrics end a command with one line (exit 2).
+6. Operating-system faults and absurd sizes end in one line (exit 2; Ctrl-C exit 130).
+10. ``.pt`` files are byte-identical after a resume (canonical serialisation).
+11. ``metaif import ... dtype=float64`` keeps float64 weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaif_cli import api
+from metaif_cli import constants as C
+from metaif_cli.errors import MetaifError
+from metaif_cli.models.custom import trusted_factory
+from metaif_cli.train.command import run_train
+from test_train import _train_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ["optim.steps=6", "optim.checkpoint_every=2", "optim.eval_every=3", "optim.num_checkpoints=2"]
+TINY_CLI = ["debug=fast", "device=cpu", "progress=false", "model.hidden=8", "meta.inner_steps=1", "dataset.queries=4"]
+FAST_SCORE = ["progress=false", "plots=false", "hessian.num_tasks=4", "evaluation.num_tasks=4"]
+
+
+def metaif(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "metaif_cli.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """Exit status ``code``, no traceback, the last stderr line names every needle; return that line."""
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = [x for x in proc.stderr.splitlines() if x.strip()][-1]
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("trust") / "run"
+    run_train(_train_cfg(*STEPS), run)
+    return run
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(finished, dst)
+    return dst
+
+
+# ------------------------------------------------------------------ kind 1: a run directory never runs code
+
+
+class RunsCode:
+    """A pickle that would run ``touch <marker>`` when unpickled without ``weights_only``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def craft_factory(run: Path, marker: Path) -> None:
+    """Make every saved config of ``run`` name ``os:system`` as its custom factory (issue 21's example)."""
+    model = {"name": "custom", "factory": "os:system", "kwargs": {"command": f"touch {marker}"}, "head": "fc",
+             "hidden": 8, "layers": 2, "norm": "none", "groups": 4, "pool": "max"}
+    for path in [run / C.MODEL_PT, run / C.CHECKPOINT_LAST, run / C.CHECKPOINT_PREV,
+                 *sorted((run / C.CHECKPOINT_DIR).glob("*.pt"))]:
+        if path.exists():
+            saved = torch.load(path, weights_only=True)
+            if "config" in saved:
+                saved["config"]["model"] = dict(model)
+                torch.save(saved, path)
+    data = json.loads((run / C.TRAIN_CONFIG_JSON).read_text())
+    data["model"] = dict(model)
+    (run / C.TRAIN_CONFIG_JSON).write_text(json.dumps(data))
+
+
+def _score_cli(run: Path, tmp: Path) -> None:
+    proc = metaif("score", f"run={run}", *FAST_SCORE, f"hydra.run.dir={tmp / 'scores'}")
+    assert_one_line(proc, "metaif score: error:", "os:system", "factory=")
+
+
+def _prune_cli(run: Path, tmp: Path) -> None:
+    proc = metaif("prune-and-retrain", f"run={run}", "methods=[random]", "fractions=[0.5]", "progress=false",
+                  f"hydra.run.dir={tmp / 'pruned'}")
+    assert_one_line(proc, "metaif prune-and-retrain: error:", "os:system")
+
+
+def _train_resume_cli(run: Path, tmp: Path) -> None:
+    proc = metaif("train", *TINY_CLI, *STEPS, f"hydra.run.dir={run}")
+    assert_one_line(proc, "metaif train: error:")
+
+
+def _api_score(run: Path, tmp: Path) -> None:
+    with pytest.raises(MetaifError, match="os:system"):
+        api.score(run, unit="task", hessian={"num_tasks": 4}, evaluation={"num_tasks": 4})
+
+
+def _api_ensemble(run: Path, tmp: Path) -> None:
+    with pytest.raises(MetaifError):
+        api.score(tmp / "good", unit="task", runs=[str(run)], hessian={"num_tasks": 4}, evaluation={"num_tasks": 4})
+
+
+READERS = {"score": _score_cli, "prune-and-retrain": _prune_cli, "train-resume": _train_resume_cli,
+           "api.score": _api_score, "api.score-runs": _api_ensemble}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_crafted_run_dir_factory_runs_no_code(reader, finished, run_copy, tmp_path):
+    marker = tmp_path / "PWNED"
+    shutil.copytree(finished, tmp_path / "good")
+    craft_factory(run_copy, marker)
+    READERS[reader](run_copy, tmp_path)
+    assert not marker.exists(), f"{reader} ran the factory named by the run directory"
+
+
+def test_crafted_pickle_in_any_run_file_runs_no_code(finished, run_copy, tmp_path):
+    """Every ``.pt`` a command reads (model, last and previous checkpoint, step checkpoints, ``ihvp.pt``
+    of a scores folder, an imported file) replaced by a pickle that runs code: refused, nothing runs."""
+    marker = tmp_path / "PWNED"
+    scores = tmp_path / "scores"
+    api.score(finished, scores, unit="task", hessian={"num_tasks": 4}, evaluation={"num_tasks": 4})
+    files = [p for p in sorted(run_copy.rglob("*.pt"))] + [scores / C.IHVP_PT]
+    assert {C.MODEL_PT, C.CHECKPOINT_LAST, C.CHECKPOINT_PREV} <= {p.name for p in files}
+    assert any(p.parent.name == C.CHECKPOINT_DIR for p in files)
+    for path in files:
+        torch.save({"config": RunsCode(marker), "lam": RunsCode(marker), "s": RunsCode(marker)}, path)
+    with pytest.raises(MetaifError, match="corrupt or unreadable"):
+        api.score(run_copy, unit="task", method="tracin")
+    with pytest.raises(MetaifError, match="corrupt or unreadable"):
+        api.load_scores(scores)
+    with pytest.raises(MetaifError):  # train's resume reads the checkpoints and model.pt
+        run_train(_train_cfg(*STEPS), run_copy)
+    with pytest.raises(MetaifError, match="weights_only"):  # an imported file
+        api.import_weights(tmp_path / "imported", run_copy / C.MODEL_PT, _train_cfg(*STEPS))
+    proc = metaif("import", *TINY_CLI, f"run_dir={tmp_path / 'imported2'}", f"weights={run_copy / C.MODEL_PT}")
+    assert_one_line(proc, "weights_only")
+    assert not marker.exists()
+
+
+def test_saved_factory_is_only_checked_against_the_given_one(monkeypatch):
+    with pytest.raises(MetaifError, match="never imports code named only by a run directory"):
+        trusted_factory("os:system", None, "runs/x")
+    with pytest.raises(MetaifError, match="is not the factory run runs/x was trained with"):
+        trusted_factory("os:system", "my_nets:make_net", "runs/x")
+    assert trusted_factory("my_nets:make_net", "my_nets:make_net", "runs/x") == "my_nets:make_net"
+    monkeypatch.setattr("metaif_cli.models.custom.registered_factories", lambda: {"my_nets:make_net"})
+    assert trusted_factory("my_nets:make_net", None, "runs/x") == "my_nets:make_net"  # a registered entry point
