@@ -167,3 +167,56 @@ def test_saved_factory_is_only_checked_against_the_given_one(monkeypatch):
     assert trusted_factory("my_nets:make_net", "my_nets:make_net", "runs/x") == "my_nets:make_net"
     monkeypatch.setattr("metaif_cli.models.custom.registered_factories", lambda: {"my_nets:make_net"})
     assert trusted_factory("my_nets:make_net", None, "runs/x") == "my_nets:make_net"  # a registered entry point
+
+
+# ------------------------------------------------------------------ kind 2: delete only what this command created
+
+
+def test_refused_command_leaves_existing_folder_untouched(tmp_path):
+    folder = tmp_path / "mylogs"
+    folder.mkdir()
+    (folder / "app.log").write_text("x\n")
+    (folder / ".notes.tmp").write_text("mine\n")
+    proc = metaif("train", "debug=fast", "optim.lr=-1", f"hydra.run.dir={folder}")
+    assert_one_line(proc, "optim.lr=-1")
+    assert sorted(p.name for p in folder.iterdir()) == [".notes.tmp", "app.log"]
+    assert (folder / "app.log").read_text() == "x\n" and (folder / ".notes.tmp").read_text() == "mine\n"
+
+
+def test_refused_command_removes_the_folder_it_created(tmp_path):
+    folder = tmp_path / "new" / "run"
+    proc = metaif("train", "debug=fast", "optim.lr=-1", f"hydra.run.dir={folder}")
+    assert_one_line(proc, "optim.lr=-1")
+    assert not folder.exists()
+
+
+def test_refused_sweep_job_keeps_a_job_folder_that_existed(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "keep").mkdir(parents=True)
+    (sweep / "keep" / "train.log").write_text("my own log\n")
+    proc = metaif("train", "-m", "debug=fast", "optim.lr=-1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=keep")
+    assert "optim.lr=-1" in proc.stderr and "Traceback" not in proc.stderr
+    assert (sweep / "keep" / "train.log").read_text().startswith("my own log\n")
+
+
+def test_temporaries_cleanup_removes_only_metaif_marked_temporaries(tmp_path):
+    from metaif_cli.io import clean_stale_temporaries
+
+    dead = 2**22 + 777  # above any pid in use
+    ours = tmp_path / "sub" / f".task_scores.csv.metaif-{dead}-0a0b0c0d.tmp"
+    alive = tmp_path / f".model.pt.metaif-{os.getpid()}-0a0b0c0d.tmp"  # being written: not stale...
+    users = [tmp_path / ".notes.tmp", tmp_path / f".data.{dead}.0a0b0c0d.tmp", tmp_path / "x.tmp",
+             tmp_path / f".a.metaif-{dead}-XYZ.tmp", tmp_path / "sub" / f".b.metaif-{dead}-0a0b0c0d.tmp.bak"]
+    for path in [ours, alive, *users]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    assert clean_stale_temporaries(tmp_path) == 2  # ...unless no write of this process holds it (a leftover)
+    assert not ours.exists() and not alive.exists() and all(p.exists() for p in users)
+
+
+def test_resumed_training_keeps_users_tmp_files_in_the_run_directory(run_copy):
+    mine = [run_copy / ".draft.tmp", run_copy / C.CHECKPOINT_DIR / ".x.123.abcd1234.tmp"]
+    for path in mine:
+        path.write_text("mine")
+    run_train(_train_cfg(*STEPS), run_copy)  # finished: resumes to nothing, cleaning temporaries first
+    assert all(p.read_text() == "mine" for p in mine)
