@@ -220,3 +220,95 @@ def test_resumed_training_keeps_users_tmp_files_in_the_run_directory(run_copy):
         path.write_text("mine")
     run_train(_train_cfg(*STEPS), run_copy)  # finished: resumes to nothing, cleaning temporaries first
     assert all(p.read_text() == "mine" for p in mine)
+
+
+# ------------------------------------------------------------------ kind 5: non-finite runs end the command
+
+
+def test_diverged_training_exits_2_and_leaves_no_finished_run(tmp_path):
+    run = tmp_path / "run"
+    proc = metaif("train", "debug=fast", "optim.steps=1", "optim.lr=1e30", "optim.eval_every=1",
+                  "optim.checkpoint_every=1", "optim.num_checkpoints=1", "progress=false", f"hydra.run.dir={run}")
+    assert_one_line(proc, "metaif train: error:", "nan", "lower optim.lr")
+    assert not (run / C.MODEL_PT).exists() and not (run / C.RESULTS_JSON).exists()
+
+
+def test_parameters_that_become_non_finite_end_training(monkeypatch, tmp_path):
+    from metaif_cli.meta.learner import MetaLearner
+
+    original = MetaLearner.meta_gradient
+
+    def inf_gradient(self, lam, batch):
+        grads, losses = original(self, lam, batch)
+        return {k: torch.full_like(g, float("inf")) for k, g in grads.items()}, losses
+
+    monkeypatch.setattr(MetaLearner, "meta_gradient", inf_gradient)
+    with pytest.raises(MetaifError, match="diverged: parameter .* is not finite after step 1"):
+        run_train(_train_cfg(*STEPS), tmp_path / "run")
+    assert not (tmp_path / "run" / C.MODEL_PT).exists()
+
+
+def _poison_run(run: Path, where: str) -> None:
+    if where == "model.pt":
+        saved = torch.load(run / C.MODEL_PT, weights_only=True)
+        saved["lam"]["head.bias"][0] = float("nan")
+        torch.save(saved, run / C.MODEL_PT)
+    elif where == "results.json":
+        results = json.loads((run / C.RESULTS_JSON).read_text())
+        results["test_loss"] = float("nan")
+        (run / C.RESULTS_JSON).write_text(json.dumps(results))
+    else:  # an intermediate checkpoint
+        path = sorted((run / C.CHECKPOINT_DIR).glob("step_*.pt"))[0]
+        saved = torch.load(path, weights_only=True)
+        saved["lam"]["head.weight"][0, 0] = float("inf")
+        torch.save(saved, path)
+
+
+@pytest.mark.parametrize("where", ["model.pt", "results.json", "checkpoint"])
+def test_diverged_run_is_refused_downstream(where, run_copy, tmp_path):
+    _poison_run(run_copy, where)
+    method = "tracin" if where == "checkpoint" else "loss"
+    with pytest.raises(MetaifError, match="diverged"):
+        api.score(run_copy, unit="task", method=method)
+    if where != "checkpoint":
+        proc = metaif("prune-and-retrain", f"run={run_copy}", "methods=[random]", "fractions=[0.5]",
+                      "progress=false", f"hydra.run.dir={tmp_path / 'pruned'}")
+        assert_one_line(proc, "diverged")
+        with pytest.raises(MetaifError, match="diverged"):  # train's resume of the finished run
+            run_train(_train_cfg(*STEPS), run_copy)
+
+
+def test_import_of_nan_weights_is_refused(finished, tmp_path):
+    lam = torch.load(finished / C.MODEL_PT, weights_only=True)["lam"]
+    lam["body.1.weight"][0, 0] = float("nan")
+    torch.save(lam, tmp_path / "nan.pt")
+    proc = metaif("import", *TINY_CLI, f"run_dir={tmp_path / 'imported'}", f"weights={tmp_path / 'nan.pt'}")
+    assert_one_line(proc, "metaif import: error:", "NaN or infinite", "body.1.weight")
+    assert not (tmp_path / "imported").exists()
+    with pytest.raises(MetaifError, match="NaN or infinite"):
+        api.write_run(tmp_path / "api", lam, _train_cfg())
+
+
+def test_non_finite_scores_are_not_written(tmp_path):
+    import pandas as pd
+
+    from metaif_cli.score.outputs import write_tables
+
+    df = pd.DataFrame({"task_id": [0, 1], C.SCORE_COLUMN: [0.5, float("nan")], "rank": [1, 2], "method": "if",
+                       "corrupted": False})
+    with pytest.raises(MetaifError, match="NaN or infinite"):
+        write_tables(tmp_path, df, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scores_folder_with_infinite_scores_is_refused(finished, tmp_path):
+    scores = tmp_path / "scores"
+    api.score(finished, scores, unit="task", method="loss")
+    table = scores / C.TASK_SCORES_CSV
+    lines = table.read_text().splitlines()
+    cells = lines[1].split(",")
+    cells[1] = "inf"
+    table.write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+    proc = metaif("prune-and-retrain", f"run={finished}", f"scores={scores}", "methods=[loss]", "fractions=[0.5]",
+                  "progress=false", f"hydra.run.dir={tmp_path / 'pruned'}")
+    assert_one_line(proc, "non-finite scores", str(table))

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from metaif_cli.models.config import ModelConfig
 from metaif_cli.errors import MetaifError
-from metaif_cli.meta.params import Params
+from metaif_cli.meta.params import Params, non_finite
 
 PREFIXES = ("module.", "_orig_mod.")  # learn2learn MAML / DataParallel, torch.compile
 NESTED = ("state_dict", "model_state_dict", "model")
@@ -43,6 +43,10 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             obj = obj[key]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
         raise MetaifError(f"weights={path} holds no state dict of tensors; save torch.save(model.state_dict(), path)")
+    bad = non_finite(obj)
+    if bad:
+        raise MetaifError(f"weights={path} holds NaN or infinite values (in {bad[0]}): the weights diverged; "
+                          "import weights saved before the divergence")
     return strip_prefixes(obj)
 
 

@@ -15,11 +15,11 @@ import torch
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import load_torch, read_csv
-from metaif_cli.meta.params import FlatSpec
+from metaif_cli.meta.params import FlatSpec, non_finite
 from metaif_cli.models.custom import trusted_factory
 from metaif_cli.train.config import TrainConfig
 from metaif_cli.train.experiment import Experiment, build_experiment, config_from_dict
-from metaif_cli.train.loop import load_trained
+from metaif_cli.train.finished import load_trained
 
 
 @dataclass
@@ -85,13 +85,23 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
     return sorted(paths, key=checkpoint_step)
 
 
+def load_checkpoint(path: Path, fix: str, keys: tuple[str, ...] = ("step", "lam")) -> dict:
+    """An intermediate checkpoint (``load_torch``), refused when its ``lam`` is NaN or infinite."""
+    saved = load_torch(path, fix, keys=keys)
+    bad = non_finite(saved["lam"]) if isinstance(saved.get("lam"), dict) else []
+    if bad:
+        raise MetaifError(f"{path} holds a diverged checkpoint ({bad[0]} is not finite); retrain the run with a "
+                          "lower optim.lr into a new directory")
+    return saved
+
+
 def tracin_checkpoints(run: LoadedRun) -> list[tuple[torch.Tensor, float]]:
     """``(theta_c, lr_c)`` of every intermediate checkpoint kept by training."""
     spec = FlatSpec.of(run.lam)
     out = []
     for path in checkpoint_paths(run.run_dir):
-        saved = load_torch(path, "an intermediate checkpoint is only written while training: train again into "
-                           "a new directory, or choose another method than tracin", keys=("lam", "lr"))
+        saved = load_checkpoint(path, "an intermediate checkpoint is only written while training: train again "
+                                "into a new directory, or choose another method than tracin", keys=("lam", "lr"))
         out.append((spec.flatten({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()}),
                     float(saved["lr"])))
     return out
