@@ -312,3 +312,42 @@ def test_scores_folder_with_infinite_scores_is_refused(finished, tmp_path):
     proc = metaif("prune-and-retrain", f"run={finished}", f"scores={scores}", "methods=[loss]", "fractions=[0.5]",
                   "progress=false", f"hydra.run.dir={tmp_path / 'pruned'}")
     assert_one_line(proc, "non-finite scores", str(table))
+
+
+# ------------------------------------------------------------------ kind 11: dtype conversions are explicit
+
+
+def _float64_weights(finished: Path) -> dict[str, torch.Tensor]:
+    """The run's weights in float64 with digits float32 cannot hold."""
+    lam = torch.load(finished / C.MODEL_PT, weights_only=True)["lam"]
+    return {k: v.double() + 1e-9 * torch.arange(v.numel(), dtype=torch.float64).reshape(v.shape) for k, v in lam.items()}
+
+
+def test_float64_import_keeps_float64_weights(finished, tmp_path):
+    weights = _float64_weights(finished)
+    torch.save(weights, tmp_path / "w64.pt")
+    proc = metaif("import", *TINY_CLI, "dtype=float64", f"run_dir={tmp_path / 'run64'}", f"weights={tmp_path / 'w64.pt'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lam = torch.load(tmp_path / "run64" / C.MODEL_PT, weights_only=True)["lam"]
+    for k, v in weights.items():
+        assert lam[k].dtype == torch.float64 and torch.equal(lam[k], v), k
+    # a float32 run converts them once, explicitly, to float32
+    api.import_weights(tmp_path / "run32", tmp_path / "w64.pt", _train_cfg())
+    lam32 = torch.load(tmp_path / "run32" / C.MODEL_PT, weights_only=True)["lam"]
+    assert all(lam32[k].dtype == torch.float32 and torch.equal(lam32[k], v.float()) for k, v in weights.items())
+
+
+def test_float64_import_of_a_custom_network_keeps_float64(tmp_path):
+    from own_helpers import make_named_net
+
+    from metaif_cli.importer.run import lam_from_state_dict
+    from metaif_cli.train.experiment import build_experiment
+
+    helpers = Path(__file__).resolve().parent / "own_helpers.py"
+    cfg = _train_cfg("dtype=float64", "model=custom", f"model.factory={helpers}:make_named_net", "model.head=fc",
+                     "model.kwargs={ways: 5, size: 8}")
+    sd = {k: v.double() + 1e-10 for k, v in make_named_net(ways=5, size=8).state_dict().items()
+          if v.is_floating_point()}
+    lam = lam_from_state_dict(build_experiment(cfg), sd)
+    assert lam["head.weight"].dtype == torch.float64 and torch.equal(lam["head.weight"], sd["fc.weight"])
+    assert torch.equal(lam["body.features.0.weight"], sd["features.0.weight"])

@@ -48,7 +48,7 @@ def lam_from_state_dict(exp: Experiment, state_dict: dict[str, torch.Tensor]) ->
     """Fit a state dict to the experiment's network (built-in or ``model=custom``)."""
     cfg = exp.cfg
     if cfg.model.name == "custom":
-        lam = fit_custom(cfg.model, state_dict, exp.dataset.image_shape, cfg.dataset.ways, cfg.seed)
+        lam = fit_custom(cfg.model, state_dict, exp.dataset.image_shape, cfg.dataset.ways, cfg.seed, exp.dtype)
     else:
         lam = fit_builtin(exp.model, state_dict)
     return {k: v.to(exp.device, exp.dtype) for k, v in lam.items()}
