@@ -8,8 +8,8 @@ Temporaries left by a killed process are removed by the next write of the same n
 and by :func:`clean_stale_temporaries`; only names of that exact pattern, with its ``metaif-``
 marker and the id of a process no longer running, are ever removed (a user's own ``*.tmp``
 files are left alone). ``.pt`` files are serialised in memory first,
-so their bytes do not depend on the temporary name and identical runs give identical
-files.
+in canonical form, so their bytes do not depend on the temporary name, nor on whether a run
+was resumed: equal content gives identical files.
 
 Reads of another command's artefacts go through :func:`load_torch`, :func:`load_json`
 and :func:`read_csv`: a missing, truncated or damaged file ends in one
@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from metaif_cli.canonical import canonical
 from metaif_cli.errors import MetaifError
 
 TMP_MARKER = "metaif"  # in every temporary's name: only files with it are ever cleaned up
@@ -162,9 +163,10 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def torch_bytes(obj: Any) -> bytes:
-    """``torch.save(obj)`` as bytes: the same object gives the same bytes, whatever the file name."""
+    """``torch.save(obj)`` as bytes: equal content gives the same bytes, whatever the file name and
+    however the object was built (:func:`metaif_cli.canonical.canonical`)."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(canonical(obj), buf)
     return buf.getvalue()
 
 

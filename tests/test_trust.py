@@ -351,3 +351,50 @@ def test_float64_import_of_a_custom_network_keeps_float64(tmp_path):
     lam = lam_from_state_dict(build_experiment(cfg), sd)
     assert lam["head.weight"].dtype == torch.float64 and torch.equal(lam["head.weight"], sd["fc.weight"])
     assert torch.equal(lam["body.features.0.weight"], sd["features.0.weight"])
+
+
+# ------------------------------------------------------------------ kind 10: canonical .pt bytes
+
+
+def test_resumed_training_writes_byte_identical_pt_files(tmp_path, monkeypatch):
+    from metaif_cli.meta.learner import MetaLearner
+
+    cfg = _train_cfg("optim.steps=8", "optim.checkpoint_every=3", "optim.eval_every=4", "optim.num_checkpoints=2")
+    run_train(cfg, tmp_path / "straight")
+    real, calls = MetaLearner.meta_gradient, [0]
+
+    def interrupted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MetaLearner, "meta_gradient", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(cfg, tmp_path / "resumed")
+    run_train(cfg, tmp_path / "resumed")
+    names = [C.MODEL_PT] + [f"{C.CHECKPOINT_DIR}/{p.name}" for p in (tmp_path / "straight" / C.CHECKPOINT_DIR).iterdir()]
+    assert len(names) == 3
+    for name in names:
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_pt_bytes_depend_on_content_not_on_object_identity():
+    import io
+
+    import numpy as np
+
+    from metaif_cli.io import torch_bytes
+
+    base = torch.arange(12.0)
+    built = {"step": 3, "lam": {"a": base[:6].view(2, 3), "b": base[6:]}, "s": torch.ones(4),
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+             "metrics": [{"step": 1, "loss": np.float64(0.5)}, {"step": 2, "loss": 0.25}]}
+    reread = torch.load(io.BytesIO(torch_bytes(built)), weights_only=True)
+    assert torch_bytes(reread) == torch_bytes(built)
+    # a resumed command: parts read back from disk (other string objects, other storages) in a new dict
+    parts = {k: torch.load(io.BytesIO(torch_bytes(v)), weights_only=True) for k, v in built.items() if k != "step"}
+    resumed = {"step": 3, "lam": {"a": torch.arange(6.0).view(2, 3), "b": parts["lam"]["b"]}, "s": parts["s"],
+               "optimizer": parts["optimizer"], "metrics": parts["metrics"]}
+    assert torch_bytes(resumed) == torch_bytes(built)
