@@ -17,7 +17,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from metaif_cli.errors import MetaifError
+from metaif_cli.errors import INTERRUPTED_EXIT, MetaifError, system_error
 
 def conf_dir() -> str:
     """The Hydra config folder: ``metaif_cli/conf`` in an installed wheel, else the checkout's ``conf/``.
@@ -121,8 +121,11 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
         try:
             with redirect_logging():  # log lines above the bars, never on a bar's line
                 return task_fn(cfg)
+        except KeyboardInterrupt:  # what was written is complete (atomic writes): a rerun resumes
+            print(f"metaif {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+            sys.exit(INTERRUPTED_EXIT)
         except Exception as exc:
-            err = user_error(exc)
+            err = user_error(exc) or system_error(exc)
             if err is None:
                 raise
             print(f"metaif {command}: error: {one_line(err)}", file=sys.stderr)

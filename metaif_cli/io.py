@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from metaif_cli.canonical import canonical
-from metaif_cli.errors import MetaifError
+from metaif_cli.errors import MetaifError, os_error
 
 TMP_MARKER = "metaif"  # in every temporary's name: only files with it are ever cleaned up
 _TMP_RE = re.compile(rf"^\.(?P<name>.+)\.{TMP_MARKER}-(?P<pid>\d+)-[0-9a-f]{{8}}\.tmp$")
@@ -75,7 +75,7 @@ def _is_stale(tmp: Path, name: str | None = None) -> bool:
 def _discard(tmp: Path) -> None:
     try:
         tmp.unlink()
-    except FileNotFoundError:
+    except OSError:  # already gone, or the folder went read-only: nothing of ours to keep
         pass
 
 
@@ -115,16 +115,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     mode; stale temporaries of the same name are removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(f".{glob_escape(path.name)}.{TMP_MARKER}-*.tmp"):
-        if _is_stale(old, path.name):
-            _discard(old)
     tmp = _tmp_path(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:  # disk full, read-only folder, a name over the limit: one line naming the file (errors.os_error)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f".{glob_escape(path.name)}.{TMP_MARKER}-*.tmp"):
+            if _is_stale(old, path.name):
+                _discard(old)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise os_error(exc, path) from None
     _WRITING.add(str(tmp))
     try:
         yield tmp
         _replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise os_error(exc, path) from None
     except BaseException:
         _discard(tmp)
         raise

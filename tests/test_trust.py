@@ -398,3 +398,133 @@ def test_pt_bytes_depend_on_content_not_on_object_identity():
     resumed = {"step": 3, "lam": {"a": torch.arange(6.0).view(2, 3), "b": parts["lam"]["b"]}, "s": parts["s"],
                "optimizer": parts["optimizer"], "metrics": parts["metrics"]}
     assert torch_bytes(resumed) == torch_bytes(built)
+
+
+# ------------------------------------------------------------------ kind 6: faults of the system are one line
+
+
+def _main(capsys, *argv: str) -> tuple[int, str]:
+    """``metaif`` in this process (so a fault can be injected); return its status and stderr's last line."""
+    from metaif_cli.cli import main
+
+    import logging
+
+    try:
+        code = main(list(argv))
+    finally:  # Hydra's job log handler points into the run directory, perhaps removed: detach it
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    lines = [x for x in err.splitlines() if x.strip()]
+    return code, lines[-1] if lines else ""
+
+
+def _no_temporaries(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(("fault", "errno_name", "words"), [
+    ("fsync", "ENOSPC", "No space left on device"),
+    ("rename", "EROFS", "Read-only file system"),
+    ("rename", "EACCES", "Permission denied"),
+])
+def test_disk_faults_while_writing_are_one_line_and_leave_nothing_half_written(fault, errno_name, words, capsys,
+                                                                               monkeypatch, tmp_path):
+    import errno
+
+    from metaif_cli import io as mio
+
+    code = getattr(errno, errno_name)
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(mio.os, "fsync", fail) if fault == "fsync" else monkeypatch.setattr(mio, "_replace", fail)
+    run = tmp_path / "run"
+    status, line = _main(capsys, "train", *TINY_CLI, f"hydra.run.dir={run}")
+    assert status == 2 and line.startswith("metaif train: error:") and words in line, line
+    assert str(run) in line and "hydra.run.dir" in line
+    assert _no_temporaries(tmp_path)
+    assert not (run / C.MODEL_PT).exists()
+
+
+def test_unreadable_data_root_is_one_line(capsys, monkeypatch, tmp_path):
+    import errno
+    import pathlib
+
+    root = tmp_path / "data"
+    root.mkdir()
+    real = {name: getattr(pathlib.Path, name) for name in ("exists", "is_file", "is_dir", "iterdir")}
+
+    def guarded(name):
+        def method(self, *args, **kwargs):
+            if str(self).startswith(f"{root}/"):  # as after chmod 000 on data.root
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real[name](self, *args, **kwargs)
+        return method
+
+    for name in real:
+        monkeypatch.setattr(pathlib.Path, name, guarded(name))
+    status, line = _main(capsys, "train", *TINY_CLI, "dataset=mnist", f"data.root={root}",
+                         f"hydra.run.dir={tmp_path / 'run'}")
+    assert status == 2 and "Permission denied" in line and str(root) in line and "data.root" in line, line
+
+
+def test_name_over_the_system_limit_is_one_line(tmp_path):
+    run = tmp_path / ("a" * 300)
+    proc = metaif("train", *TINY_CLI, f"hydra.run.dir={run}")
+    assert_one_line(proc, "metaif train: error:", "File name too long", "shorter")
+
+
+def test_huge_network_is_refused_before_allocating(tmp_path):
+    proc = metaif("train", *TINY_CLI, "model.hidden=1000000", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line(proc, "model.hidden=1000000", "more than this machine's memory", "lower model.hidden")
+    assert not (tmp_path / "run").exists()
+
+
+def test_parameter_count_matches_the_built_networks():
+    import itertools
+
+    from metaif_cli.models.config import ModelConfig
+    from metaif_cli.models.networks import build_model, parameter_count
+
+    for name, norm, pool, layers, shape in itertools.product(("mlp", "cnn4"), ("none", "group"), ("max", "stride"),
+                                                             (1, 3), ((1, 8, 8), (3, 7, 5))):
+        cfg = ModelConfig(name=name, norm=norm, pool=pool, layers=layers, hidden=8, groups=4)
+        built = sum(p.numel() for p in build_model(cfg, shape, 5, 0).parameters())
+        assert built == parameter_count(cfg, shape, 5), (name, norm, pool, layers, shape)
+
+
+def test_learning_rate_beyond_the_dtype_is_refused(tmp_path):
+    proc = metaif("train", *TINY_CLI, "optim.lr=1e39", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line(proc, "optim.lr=1e+39", "float32")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("run_value", [5, None, ["x"]])
+def test_score_json_with_a_run_that_is_not_text_is_one_line(run_value, finished, tmp_path):
+    from metaif_cli.prune.scores import read_scores_dir
+    from metaif_cli.score.run import load_run
+
+    scores = tmp_path / "scores"
+    api.score(finished, scores, unit="task", method="loss")
+    summary = json.loads((scores / C.SCORE_JSON).read_text())
+    summary["run"] = run_value
+    (scores / C.SCORE_JSON).write_text(json.dumps(summary))
+    with pytest.raises(MetaifError, match="corrupt or unreadable: .*score.json.*'run' and 'method' must be text"):
+        read_scores_dir(scores, load_run(finished), "task")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, tmp_path):
+    from metaif_cli.meta.learner import MetaLearner
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetaLearner, "meta_gradient", interrupted)
+    status, line = _main(capsys, "train", *TINY_CLI, f"hydra.run.dir={tmp_path / 'run'}")
+    assert status == 130 and line == "metaif train: interrupted; rerun the same command to resume", line
+    assert _no_temporaries(tmp_path)
