@@ -40,9 +40,13 @@ def os_error(exc: OSError, path: object = None) -> MetaifError:
 
 
 def system_error(exc: BaseException) -> MetaifError | None:
-    """The one-line :class:`MetaifError` for an operating-system fault or exhausted memory, else None."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return os_error(exc)
+    """The one-line :class:`MetaifError` for an operating-system fault or exhausted memory, else None
+    (also when the fault is the cause of another error, as of logging's "Unable to configure handler")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return os_error(seen)
+        seen = seen.__cause__ or seen.__context__
     text = " ".join(str(exc).split())
     if isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
         return MetaifError(f"out of memory ({type(exc).__name__}: {text[:120]}); the work does not fit: lower "

@@ -528,3 +528,19 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, tmp_path):
     status, line = _main(capsys, "train", *TINY_CLI, f"hydra.run.dir={tmp_path / 'run'}")
     assert status == 130 and line == "metaif train: interrupted; rerun the same command to resume", line
     assert _no_temporaries(tmp_path)
+
+
+def test_system_fault_behind_another_error_is_one_line():
+    import errno
+
+    from metaif_cli.errors import system_error
+
+    try:
+        try:
+            raise OSError(errno.EROFS, "Read-only file system", "/ro/run/train.log")
+        except OSError as inner:
+            raise ValueError("Unable to configure handler 'file'") from inner  # as logging.config reports it
+    except ValueError as exc:
+        err = system_error(exc)
+    assert err is not None and str(err).startswith("Read-only file system: /ro/run/train.log; ")
+    assert system_error(ValueError("a bug")) is None
