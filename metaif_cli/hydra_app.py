@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -185,7 +186,7 @@ def _record(config: DictConfig, key: str) -> None:
 
     try:
         HydraConfig.instance().set_config(config)  # run_job sets it too, right after this callback
-        folder = Path(str(OmegaConf.select(config, key))).absolute()
+        folder = Path(os.path.abspath(str(OmegaConf.select(config, key))))  # as Hydra's runtime.output_dir
     except Exception:  # an unresolvable directory fails in Hydra itself, with its own message
         return
     _BEFORE[str(folder)] = frozenset(p.name for p in folder.iterdir()) if folder.is_dir() else None
@@ -205,10 +206,10 @@ class RunDirRecord(_HydraCallback):
 
 def _entries_before(run_dir: Path) -> frozenset[str] | None | bool:
     """What ``run_dir`` held before this command: its entries, None (created now) or False (unknown)."""
-    key = str(run_dir.absolute())
+    key = os.path.abspath(run_dir)
     if key in _BEFORE:
         return _BEFORE[key]
-    parent = _BEFORE.get(str(run_dir.absolute().parent), False)  # a job of a sweep
+    parent = _BEFORE.get(os.path.dirname(key), False)  # a job of a sweep
     if parent is None or (parent is not False and run_dir.name not in parent):
         return None
     return False
