@@ -14,7 +14,7 @@ the same numbers. Typical use::
     pools = api.build_task_pools(cfg.dataset, seed=cfg.seed)        # tasks with stable ids
     ...train your own network on pools.batch("train") ...
     api.write_run("runs/mine", my_net.state_dict(), cfg)           # now `metaif score run=runs/mine` works
-    scores = api.score("runs/mine", unit="all", hessian={"num_tasks": 64})
+    scores = api.score("runs/mine", unit="all", hessian={"num_tasks": 64}, factory="my_nets:make_net")
     scores.task_scores.nsmallest(10, "pred_delta_test_loss")       # the most harmful tasks
 
 Errors are :class:`~metaif_cli.errors.MetaifError` with the fix in the message, as on the CLI.

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from metaif_cli.errors import MetaifError
+from metaif_cli.errors import INTERRUPTED_EXIT, MetaifError, system_error
 from metaif_cli.hydra_app import one_line, register_resolvers, register_schemas, user_error
 
 __all__ = ["COMMANDS", "main", "register_configs", "register_resolvers"]
@@ -75,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:
+        print(f"metaif {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except Exception as exc:  # a fault of the system outside the command (Hydra creating the run directory)
+        err = system_error(exc)
+        if err is None:
+            raise
+        print(f"metaif {command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -43,3 +43,9 @@ class FlatSpec:
             out[name] = vec[start : start + size].reshape(shape)
             start += size
         return out
+
+
+def non_finite(params: Mapping[str, Tensor]) -> list[str]:
+    """Names of the tensors of ``params`` holding a NaN or an infinity (floating tensors only)."""
+    return [k for k, t in params.items()
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -11,6 +11,7 @@ hand (transductive, as in MAML) and keep no running buffers.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import torch
@@ -73,14 +74,50 @@ class MetaModel(nn.Module):
         return self.head(self.body(x))
 
 
+def parameter_count(cfg: ModelConfig, image_shape: tuple[int, int, int], ways: int) -> int:
+    """The number of parameters ``build_model`` would allocate for ``mlp`` or ``cnn4`` (computed, not built)."""
+    c, h, w = image_shape
+    norm = 2 * cfg.hidden if cfg.norm != "none" else 0
+    if cfg.name == "cnn4":
+        body = (9 * c * cfg.hidden + cfg.hidden + norm) + (cfg.layers - 1) * (9 * cfg.hidden ** 2 + cfg.hidden + norm)
+        for _ in range(cfg.layers):  # max-pool (ceil) and stride 2 (padding 1) both halve, rounding up
+            h, w = -(-h // 2), -(-w // 2)
+        features = cfg.hidden * h * w
+    else:
+        body = (c * h * w * cfg.hidden + cfg.hidden + norm) + (cfg.layers - 1) * (cfg.hidden ** 2 + cfg.hidden + norm)
+        features = cfg.hidden
+    return body + features * ways + ways
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory of this machine (None when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_size(cfg: ModelConfig, image_shape: tuple[int, int, int], ways: int) -> None:
+    """Refuse, before allocating, a built-in network whose parameters alone exceed this machine's memory."""
+    count, memory = parameter_count(cfg, image_shape, ways), physical_memory()
+    if memory is not None and 4 * count > memory:
+        raise MetaifError(f"model.hidden={cfg.hidden} with model.layers={cfg.layers} gives {count:.3g} parameters "
+                          f"({4 * count / 2**30:.3g} GiB in float32), more than this machine's memory "
+                          f"({memory / 2**30:.3g} GiB); lower model.hidden or model.layers")
+
+
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], ways: int, seed: int) -> MetaModel:
-    """Build the network with parameters drawn from ``seed`` (float32, CPU); ``custom``: the user's factory."""
+    """Build the network with parameters drawn from ``seed`` (float32, CPU); ``custom``: the user's factory.
+
+    The size of a built-in network is checked before anything is allocated (:func:`check_size`).
+    """
     if cfg.name == "custom":
         from metaif_cli.models.custom import build_custom
 
         if not cfg.factory:
             raise MetaifError("model=custom needs model.factory=package.module:make_net (and model.kwargs, model.head)")
         return build_custom(cfg.factory, cfg.kwargs, cfg.head, image_shape, ways, seed)  # type: ignore[return-value]
+    check_size(cfg, image_shape, ways)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         c, h, w = image_shape

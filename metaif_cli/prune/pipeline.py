@@ -79,7 +79,7 @@ def prune_and_retrain(cfg: PruneConfig, out_dir: Path, before_write: Callable[[]
     Everything is checked before the first write or any scoring (:mod:`metaif_cli.prune.preflight`,
     and ``scores=`` is read in full); ``before_write`` runs then (Hydra's ``.hydra/``).
     """
-    run = load_run(Path(cfg.run), cfg.score.device, cfg.score.dtype)
+    run = load_run(Path(cfg.run), cfg.score.device, cfg.score.dtype, cfg.score.factory)
     pool = run.exp.pools["train"]
     tasks_csv = read_tasks_csv(run)
     units = all_units(len(pool), pool.spt_idx.shape[1], pool.qry_idx.shape[1], cfg.unit)

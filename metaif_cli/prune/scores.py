@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.io import load_json, read_csv, save_csv, save_json
+from metaif_cli.io import load_json, read_csv, save_csv, save_json, unreadable
 from metaif_cli.prune.config import PruneConfig
 from metaif_cli.score.config import ScoreConfig, settings_of
 from metaif_cli.score.methods import run_method
@@ -102,6 +103,10 @@ def read_scores_dir(scores_dir: Path, run: LoadedRun, kind: str) -> Ranking:
         raise MetaifError(f"{scores_dir} holds no {C.SCORE_JSON}; pass scores=<a directory written by metaif score>")
     fix = f"rerun the metaif score command that wrote {scores_dir} (or pass no scores=)"
     summary = load_json(summary_path, fix, keys=("run", "method", "total_seconds"))
+    seconds = summary["total_seconds"]
+    if not (isinstance(summary["run"], str) and isinstance(summary["method"], str)
+            and isinstance(seconds, (int, float)) and not isinstance(seconds, bool)):
+        raise unreadable(summary_path, fix, ValueError("'run' and 'method' must be text and 'total_seconds' a number"))
     if Path(summary["run"]).resolve() != run_dir.resolve():
         raise MetaifError(f"the scores in {scores_dir} were computed for run={summary['run']}, not {run_dir}; "
                           "pass the matching run= or score this run first")
@@ -115,6 +120,9 @@ def read_scores_dir(scores_dir: Path, run: LoadedRun, kind: str) -> Ranking:
     if kind != "task" and inst_path.exists():
         inst_df = read_csv(inst_path, fix, columns=("task_id", "role", "position", col, "rank", "corrupted"),
                            rows=len(pool) * (pool.spt_idx.shape[1] + pool.qry_idx.shape[1]))
+    for path, frame in ((tasks_path, tasks_df), (inst_path, inst_df)):
+        if frame is not None and not np.isfinite(pd.to_numeric(frame[col], errors="coerce")).all():
+            raise unreadable(path, fix, ValueError(f"column {col} holds non-finite scores"))
     table = table_of(tasks_df, inst_df, method, kind)
     return Ranking(method, table, score_column(method), float(summary["total_seconds"]), str(scores_dir),
                    settings=summary.get("settings"))

@@ -16,11 +16,10 @@ import torch
 
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence.compute import ScoreOutput
-from metaif_cli.io import load_torch
 from metaif_cli.meta.params import Params
 from metaif_cli.meta.tasks import TaskBatch
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import checkpoint_paths
+from metaif_cli.score.run import checkpoint_paths, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,8 @@ def trak_checkpoints(run, count: int) -> list[Params]:
     """``lam`` and the latest ``count - 1`` intermediate checkpoints of the run."""
     out = [run.lam]
     for path in reversed(trak_checkpoint_paths(run, count)):
-        saved = load_torch(path, "an intermediate checkpoint is only written while training: train again into a "
-                           "new directory, or lower trak.num_checkpoints", keys=("lam",))
+        saved = load_checkpoint(path, "an intermediate checkpoint is only written while training: train again into "
+                                "a new directory, or lower trak.num_checkpoints", keys=("lam",))
         out.append({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()})
     return out
 

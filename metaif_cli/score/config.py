@@ -44,6 +44,8 @@ class ScoreConfig:
     same pool (:mod:`metaif_cli.score.ensemble`).
     ``chunk``: tasks per vmapped call in every pass over tasks; memory grows with it, and
     on CPU 32 was fastest for a cnn4 on Omniglot (64 was slower and used 4 GB).
+    ``factory``: a ``model=custom`` run's factory (``module:function`` or ``file.py:function``), named
+    by the user: a run directory only names its factory for checking, it never chooses code to import.
     """
 
     run: str = "???"
@@ -68,6 +70,7 @@ class ScoreConfig:
     seed: int = 0
     device: Optional[str] = None
     dtype: Optional[str] = None
+    factory: Optional[str] = None
     overwrite: bool = False
     plots: bool = True
     grid_size: int = 8
@@ -121,7 +124,7 @@ def parse_unit_ref(text: str) -> tuple[str, int, str | None, int | None]:
 
 def settings_of(cfg: ScoreConfig) -> dict:
     """The settings that determine the scores (saved beside them and checked on reuse)."""
-    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk"}
+    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk", "factory"}
     # a library baseline's settings matter only to that method
     ignore |= {key for key, method in (("ekfac", "ekfac_if"), ("trak", "trak")) if cfg.method != method}
     if cfg.method != "trajectory":

@@ -23,11 +23,10 @@ import torch
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.io import load_torch
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import LoadedRun, checkpoint_paths, checkpoint_step, load_run
+from metaif_cli.score.run import LoadedRun, checkpoint_paths, checkpoint_step, load_checkpoint, load_run
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def checkpoint_members(run: LoadedRun, k: int, required: bool = True) -> list[tu
     _require_checkpoints(run, k, len(earlier))
     members = [(f"{run.run_dir.name}@final", run)]
     for path in reversed(earlier[len(earlier) - (k - 1):] if k > 1 else []):  # only the checkpoints used are read
-        state = load_torch(path, f"rerun metaif train for {run.run_dir} (its checkpoint is damaged)", keys=("step", "lam"))
+        state = load_checkpoint(path, f"rerun metaif train for {run.run_dir} (its checkpoint is damaged)")
         lam = {name: t.to(run.exp.device, run.exp.dtype) for name, t in state["lam"].items()}
         members.append((f"{run.run_dir.name}@step_{int(state['step'])}", replace(run, lam=lam)))
     return members
@@ -119,7 +118,7 @@ def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, r
     for path in cfg.runs:
         if Path(path).resolve() in {r.run_dir.resolve() for r in runs}:
             raise MetaifError(f"runs: {path} is listed twice (run= is a member already)")
-        other = load_run(Path(path), cfg.device, cfg.dtype)
+        other = load_run(Path(path), cfg.device, cfg.dtype, cfg.factory)
         check_same_pool(run, other)
         runs.append(other)
     members = [m for r in runs for m in checkpoint_members(r, k, required)]

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from metaif_cli import constants as C
+from metaif_cli.errors import MetaifError
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.io import save_csv
 from metaif_cli.reports.detection import detection_curve, detection_summary, random_detection_curve
@@ -77,7 +78,12 @@ def detection(df: pd.DataFrame, method: str) -> dict:
 
 
 def write_tables(out_dir: Path, tasks_df: pd.DataFrame | None, inst_df: pd.DataFrame | None) -> None:
-    """Write the score CSVs that were computed."""
+    """Write the score CSVs that were computed; refuse non-finite scores (nothing is written then)."""
+    for df in (tasks_df, inst_df):
+        col = None if df is None or not len(df) else score_column(str(df["method"].iloc[0]))
+        if col is not None and not np.isfinite(df[col].to_numpy(dtype=np.float64)).all():
+            raise MetaifError(f"the {col} scores hold NaN or infinite values: the run or the solve diverged "
+                              "(see score.json's residual); raise hessian.damping or retrain with a lower optim.lr")
     if tasks_df is not None:
         save_csv(tasks_df, out_dir / C.TASK_SCORES_CSV)
     if inst_df is not None:

@@ -87,7 +87,7 @@ def score(cfg: ScoreConfig, out_dir: Path, before_write: Callable[[], None] | No
     ``before_write`` runs then (the command layer saves Hydra's ``.hydra/`` there).
     """
     rank, world = _distributed()
-    run = load_run(Path(cfg.run), cfg.device, cfg.dtype)
+    run = load_run(Path(cfg.run), cfg.device, cfg.dtype, cfg.factory)
     n = len(run.exp.pools["train"])
     if world > 1:
         i, k = rank, world

@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from metaif_cli import constants as C
+from metaif_cli.errors import MetaifError
 from metaif_cli.io import load_torch, read_csv
-from metaif_cli.meta.params import FlatSpec
+from metaif_cli.meta.params import FlatSpec, non_finite
+from metaif_cli.models.custom import trusted_factory
 from metaif_cli.train.config import TrainConfig
 from metaif_cli.train.experiment import Experiment, build_experiment, config_from_dict
-from metaif_cli.train.loop import load_trained
+from metaif_cli.train.finished import load_trained
 
 
 @dataclass
@@ -31,14 +33,23 @@ class LoadedRun:
     weights: dict[str, torch.Tensor]
 
 
-def load_run(run_dir: Path, device: str | None = None, dtype: str | None = None) -> LoadedRun:
+def load_run(run_dir: Path, device: str | None = None, dtype: str | None = None,
+             factory: str | None = None) -> LoadedRun:
     """Rebuild experiment, trained ``lam`` and pool weights from a run directory.
 
     The run's ``threads`` setting applies here too: scoring runs the same small networks
-    as training, and is timed against it (``scripts/bench_score.py``).
+    as training, and is timed against it (``scripts/bench_score.py``). A ``model=custom`` run
+    is rebuilt only with a factory the caller vouches for (``factory``, the user's
+    ``factory=`` setting) or a registered one: the run's own files never choose code to import
+    (:func:`metaif_cli.models.custom.trusted_factory`).
     """
     saved = load_trained(run_dir)
     train_cfg = config_from_dict(saved["config"])
+    if train_cfg.model.name == "custom":
+        train_cfg.model.factory = trusted_factory(train_cfg.model.factory, factory, str(run_dir))
+    elif factory:
+        raise MetaifError(f"factory={factory!r} applies to model=custom runs only; run {run_dir} uses "
+                          f"model={train_cfg.model.name}: drop factory=")
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     exp = build_experiment(train_cfg, device=device, dtype=dtype)
@@ -74,13 +85,23 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
     return sorted(paths, key=checkpoint_step)
 
 
+def load_checkpoint(path: Path, fix: str, keys: tuple[str, ...] = ("step", "lam")) -> dict:
+    """An intermediate checkpoint (``load_torch``), refused when its ``lam`` is NaN or infinite."""
+    saved = load_torch(path, fix, keys=keys)
+    bad = non_finite(saved["lam"]) if isinstance(saved.get("lam"), dict) else []
+    if bad:
+        raise MetaifError(f"{path} holds a diverged checkpoint ({bad[0]} is not finite); retrain the run with a "
+                          "lower optim.lr into a new directory")
+    return saved
+
+
 def tracin_checkpoints(run: LoadedRun) -> list[tuple[torch.Tensor, float]]:
     """``(theta_c, lr_c)`` of every intermediate checkpoint kept by training."""
     spec = FlatSpec.of(run.lam)
     out = []
     for path in checkpoint_paths(run.run_dir):
-        saved = load_torch(path, "an intermediate checkpoint is only written while training: train again into "
-                           "a new directory, or choose another method than tracin", keys=("lam", "lr"))
+        saved = load_checkpoint(path, "an intermediate checkpoint is only written while training: train again "
+                                "into a new directory, or choose another method than tracin", keys=("lam", "lr"))
         out.append((spec.flatten({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()}),
                     float(saved["lr"])))
     return out

@@ -25,7 +25,7 @@ from metaif_cli.influence.trajectory_step import OptimSpec, OptState
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import FlatSpec, Params
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import LoadedRun, checkpoint_paths
+from metaif_cli.score.run import LoadedRun, checkpoint_paths, load_checkpoint
 from metaif_cli.train.loop import batch_schedule
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def recorded_run(run: LoadedRun) -> tuple[RecordedRun, bool]:
     states = {0: OptState(0, {k: t.detach() for k, t in init.items()})}
     saved_optimizer, complete = None, True
     for path in checkpoint_paths(run_dir):
-        saved = load_torch(path, fix, keys=("step", "lam"))
+        saved = load_checkpoint(path, fix)
         if "optimizer" not in saved:
             complete = False
             continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from metaif_cli.errors import MetaifError
 from metaif_cli.checks import at_most, choice, integer, positive
 from metaif_cli.data.config import CorruptionConfig, DataConfig, DatasetConfig
 from metaif_cli.meta.config import MetaConfig
@@ -73,6 +74,12 @@ class TrainConfig:
         integer("seed", self.seed, minimum=0)
         if self.threads is not None:
             integer("threads", self.threads, minimum=1)
+        largest = 3.4028234663852886e38 if self.dtype == "float32" else 1.7976931348623157e308
+        for name, value in (("optim.lr", self.optim.lr), ("optim.delta_reg", self.optim.delta_reg),
+                            ("meta.inner_lr", self.meta.inner_lr), ("meta.eta", self.meta.eta)):
+            if isinstance(value, (int, float)) and abs(value) > largest:  # a step would overflow the parameters
+                raise MetaifError(f"{name}={value} does not fit in dtype={self.dtype} (largest {largest:.4g}); "
+                                  "use a usual value, e.g. optim.lr=1e-3")
         at_most("optim.meta_batch_size", self.optim.meta_batch_size, self.dataset.num_train_tasks,
                 "the training pool (dataset.num_train_tasks)",
                 "lower optim.meta_batch_size or raise dataset.num_train_tasks")

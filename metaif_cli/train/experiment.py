@@ -100,5 +100,9 @@ def config_from_dict(data: dict) -> TrainConfig:
     """Rebuild a :class:`TrainConfig` saved by :func:`config_dict` (validated again)."""
     parts = {"data": DataConfig, "dataset": DatasetConfig, "corruption": CorruptionConfig, "model": ModelConfig,
              "meta": MetaConfig, "optim": OptimConfig, "logger": LoggerConfig}
-    kwargs = {k: (parts[k](**v) if k in parts else v) for k, v in data.items()}
-    return TrainConfig(**kwargs)
+    try:
+        kwargs = {k: (parts[k](**v) if k in parts else v) for k, v in data.items()}
+        return TrainConfig(**kwargs)
+    except (TypeError, AttributeError) as exc:  # a damaged or crafted saved config: unknown or missing keys
+        raise MetaifError(f"the saved settings of this run are not metaif's ({' '.join(str(exc).split())[:160]}); "
+                          "rerun the metaif train command that wrote it") from None

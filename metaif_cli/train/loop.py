@@ -26,9 +26,10 @@ from metaif_cli.errors import MetaifError
 from metaif_cli.train.experiment import Experiment, config_dict
 from metaif_cli.io import (clean_stale_temporaries, load_json, load_torch, read_csv, save_csv, save_json,
                           save_torch)
-from metaif_cli.meta.params import Params
+from metaif_cli.meta.params import Params, non_finite
 from metaif_cli.progress import bar as progress_bar
 from metaif_cli.reports.intervals import mean_ci95
+from metaif_cli.train.finished import require_finite_run
 from metaif_cli.train.loggers import make_logger
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ def evaluate_split(exp: Experiment, lam: Params, split: str) -> dict[str, float]
     losses, accs = exp.learner.evaluate(lam, batch)
     acc, acc_ci = mean_ci95(accs.double().cpu().numpy())
     loss, loss_ci = mean_ci95(losses.double().cpu().numpy())
+    if not (math.isfinite(loss) and math.isfinite(acc)):
+        raise MetaifError(f"the {split} loss is {loss}: the parameters diverged or overflow in {exp.dtype} "
+                          f"(optim.lr={exp.cfg.optim.lr}, meta.inner_lr={exp.cfg.meta.inner_lr}); lower optim.lr "
+                          "or meta.inner_lr, or check the weights")
     return {f"{split}_acc": acc, f"{split}_acc_ci95": acc_ci, f"{split}_loss": loss, f"{split}_loss_ci95": loss_ci}
 
 
@@ -134,6 +139,7 @@ def finished_run_results(run_dir: Path, exp: Experiment, weights: PoolWeights, s
     except MetaifError as exc:
         log.warning("%s; completing the run again from its last checkpoint", exc)
         return None
+    require_finite_run(run_dir, model, results)
     return results if _same_setup(model, exp, weights, setup) else None
 
 
@@ -222,8 +228,18 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
             raise MetaifError(f"training diverged: loss is {loss} at step {step + 1}; lower optim.lr or meta.inner_lr")
         for k, t in lam.items():
             t.grad = grads[k] + o.delta_reg * t
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as exc:  # Adam's step size overflows the parameters' dtype
+            if "overflow" not in str(exc):
+                raise
+            raise MetaifError(f"training diverged: the step of optim.lr={o.lr} overflows {exp.dtype} at step "
+                              f"{step + 1}; lower optim.lr") from None
         done = step + 1
+        bad = non_finite(lam)
+        if bad:
+            raise MetaifError(f"training diverged: parameter {bad[0]} is not finite after step {done} "
+                              f"(optim.lr={o.lr}); lower optim.lr or meta.inner_lr")
         row = {"step": done, "train_loss": loss}
         if done % o.eval_every == 0 or done == steps:
             row.update({k: v_ for k, v_ in evaluate_split(exp, lam, "val").items() if "ci95" not in k})
@@ -274,20 +290,3 @@ def finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: i
     log.info("meta-test accuracy %.4f +- %.4f (loss %.4f) after %.1f s", test["test_acc"], test["test_acc_ci95"],
              test["test_loss"], elapsed)
     return results
-
-
-def load_trained(run_dir: Path) -> dict:
-    """Read ``model.pt`` of a finished run, or explain what is missing."""
-    path = run_dir / C.MODEL_PT
-    if not run_dir.is_dir():
-        raise MetaifError(f"run directory {run_dir} does not exist; pass run=<a directory written by metaif train>")
-    if not path.exists() or not (run_dir / C.RESULTS_JSON).exists():
-        raise MetaifError(f"{run_dir} holds no finished training run ({C.MODEL_PT} or {C.RESULTS_JSON} missing); "
-                          "finish it by rerunning the same metaif train command")
-    saved = load_torch(path, f"rerun the metaif train command that wrote {run_dir} to rewrite it",
-                       keys=("config", "lam", "model_args"))
-    load_json(run_dir / C.RESULTS_JSON, f"rerun the metaif train command that wrote {run_dir} to rewrite it")
-    if saved.get("format_version") != C.FORMAT_VERSION:
-        raise MetaifError(f"{path} was written by an incompatible metaif version "
-                          f"(format {saved.get('format_version')}, expected {C.FORMAT_VERSION}); retrain it")
-    return saved
