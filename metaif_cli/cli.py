@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metaif {command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except (HydraException, OmegaConfBaseException) as exc:
-        print(f"metaif {command}: error: {one_line(user_error(exc) or exc)}", file=sys.stderr)
+        schema = next(iter(getattr(module, "SCHEMAS", {}).values()), None)
+        config_name = command.replace("-", "_")
+        print(f"metaif {command}: error: {one_line(user_error(exc) or exc, schema, config_name)}", file=sys.stderr)
         return 2
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else 1

@@ -23,7 +23,7 @@ MAX_LINES = 300
 LAYERS: dict[str, int] = {
     # base
     "__init__": 0, "errors": 0, "io": 0, "constants": 0, "checks": 0, "hydra_app": 0, "progress": 0,
-    "ownership": 0, "fingerprint": 0,
+    "ownership": 0, "fingerprint": 0, "settings_names": 0,
     # core: never reads a Hydra config or a run directory
     "data": 1, "models": 1, "meta": 1, "influence": 1, "reports": 1,
     # command packages
@@ -35,7 +35,7 @@ LAYERS: dict[str, int] = {
     "cli": 6, "api": 6,
 }
 CORE = 1
-BASE_NO_SPEC = {"__init__", "errors", "io", "hydra_app", "checks", "progress", "ownership", "fingerprint"}  # plumbing: no SPEC section to cite
+BASE_NO_SPEC = {"__init__", "errors", "io", "hydra_app", "checks", "progress", "ownership", "fingerprint", "settings_names"}  # plumbing: no SPEC section to cite
 HYDRA_MODULES = ("hydra", "omegaconf", f"{PACKAGE}.hydra_app")
 # The run directory's file names: a core module importing them would be reading a run directory.
 CORE_FORBIDDEN = HYDRA_MODULES + (f"{PACKAGE}.constants",)

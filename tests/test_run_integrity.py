@@ -316,3 +316,50 @@ def test_copied_run_is_pointed_at_local_data_with_data_root(tmp_path):
 def test_run_given_with_a_tilde_is_expanded(run_copy, monkeypatch):
     monkeypatch.setenv("HOME", str(run_copy.parent))
     assert load_run("~/run", "cpu").run_dir == run_copy.resolve()
+
+
+# ------------------------------------------------------------------ kind 8: Hydra habits
+
+
+def _metaif(*args: str, cwd: Path) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "metaif_cli.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_setting_names_know_nested_and_optional_settings():
+    from metaif_cli.prune.config import PruneConfig
+    from metaif_cli.settings_names import closest, known_setting
+    from metaif_cli.train.config import TrainConfig
+
+    assert known_setting(TrainConfig, "optim.steps") and known_setting(TrainConfig, "dataset.path")
+    assert not known_setting(TrainConfig, "optim.stepz") and not known_setting(TrainConfig, "datset")
+    assert known_setting(PruneConfig, "score.hessian.damping") and known_setting(PruneConfig, "data.root")
+    assert closest("optim.stepz", TrainConfig, []) == " (did you mean optim.steps=?)"
+    assert closest("datset", None, ["dataset", "model"]) == " (did you mean dataset=?)"
+
+
+def test_unknown_setting_added_with_plus_is_refused_and_a_group_typo_gets_did_you_mean(tmp_path):
+    added = _metaif("train", "+optim.stepz=5", "debug=fast", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    typo = _metaif("train", "datset=omniglot", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    for proc, fragment in ((added, "did you mean optim.steps=?"), (typo, "did you mean dataset=?")):
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[-1].startswith("metaif train: error:") and fragment in lines[-1], proc.stderr
+    assert "+datset" not in typo.stderr  # no advice to append the typo
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_sweep_runs_its_valid_jobs_and_exits_2_naming_the_refused_ones(tmp_path):
+    proc = _metaif("train", "-m", "dataset.ways=1,3", "debug=fast", "model.hidden=8",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "dataset.ways=1 is not valid" in proc.stderr
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert "1 job(s) of the sweep refused" in last and "dataset.ways=1" in last, proc.stderr
+    finished = list((tmp_path / "sweep").rglob(C.MODEL_PT))
+    assert len(finished) == 1  # the valid job ran
