@@ -363,3 +363,59 @@ def test_sweep_runs_its_valid_jobs_and_exits_2_naming_the_refused_ones(tmp_path)
     assert "1 job(s) of the sweep refused" in last and "dataset.ways=1" in last, proc.stderr
     finished = list((tmp_path / "sweep").rglob(C.MODEL_PT))
     assert len(finished) == 1  # the valid job ran
+
+
+# ------------------------------------------------------------------ the other places of each kind
+
+
+def test_api_load_scores_refuses_a_table_left_by_an_earlier_scoring(run_copy, tmp_path):
+    from metaif_cli.api import load_scores
+
+    out = tmp_path / "scores"
+    score(_score_cfg(run_copy, unit="task", method="loss"), out)
+    assert load_scores(out).task_scores is not None
+    (out / C.INSTANCE_SCORES_CSV).write_text("task_id,rank,corrupted\n0,1,False\n")
+    _refused(load_scores, out, fragment="not part of the result")
+
+
+def test_prune_folder_of_an_earlier_version_of_the_run_is_refused(run_copy, tmp_path):
+    from metaif_cli.io import save_json
+    from metaif_cli.prune.preflight import check_out_dir
+
+    out = tmp_path / "prune"
+    cfg = PruneConfig(run=str(run_copy), progress=False, score=_score_cfg(run_copy))
+    save_json({**dataclasses.asdict(cfg), "run_fingerprint": "0" * 64}, out / C.PRUNE_CONFIG_JSON)
+    _refused(check_out_dir, out, cfg, load_run(run_copy, "cpu").fingerprint, fragment="earlier version of run=")
+
+
+def test_shards_of_another_version_of_the_run_are_not_merged(run_copy, tmp_path):
+    from metaif_cli.score.pipeline import _merge_shards
+
+    cfg = _score_cfg(run_copy, unit="task", method="loss")
+    out = tmp_path / "scores"
+    score(dataclasses.replace(cfg, shard="0/2"), out)
+    score(dataclasses.replace(cfg, shard="1/2"), out)
+    assert _merge_shards(out, 2, dataclasses.replace(cfg, shard="1/2"), load_run(run_copy, "cpu").fingerprint)
+    _refused(_merge_shards, out, 2, dataclasses.replace(cfg, shard="1/2"), "f" * 64, fragment="another version")
+
+
+def test_damaged_checkpoint_is_refused_before_any_scoring(run_copy, tmp_path):
+    ckpt = sorted((run_copy / C.CHECKPOINT_DIR).glob("step_*.pt"))[0]
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    out = tmp_path / "scores"
+    _refused(score, _score_cfg(run_copy, method="tracin", unit="task"), out, fragment=str(ckpt))
+    assert not out.exists()
+
+
+def test_absurd_checkpoint_count_keeps_every_step_without_counting_to_it():
+    from metaif_cli.train.loop import checkpoint_steps
+
+    assert checkpoint_steps(6, 10**12) == [1, 2, 3, 4, 5, 6]
+    assert checkpoint_steps(6, 2) == [3, 6]
+
+
+def test_trak_projection_too_large_for_memory_is_refused(run_copy, tmp_path):
+    from metaif_cli.influence.baseline_config import TrakConfig
+
+    cfg = _score_cfg(run_copy, method="trak", unit="task", trak=TrakConfig(proj_dim=10**12))
+    _refused(score, cfg, tmp_path / "scores", fragment="lower trak.proj_dim")

@@ -21,12 +21,11 @@ import pandas as pd
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.fingerprint import file_digest
 from metaif_cli.io import load_json, read_csv, save_csv, save_json
 from metaif_cli.prune.config import PruneConfig
 from metaif_cli.score.config import ScoreConfig, settings_of
 from metaif_cli.score.methods import run_method
-from metaif_cli.score.outputs import instance_table, score_column, task_table
+from metaif_cli.score.outputs import check_recorded, instance_table, score_column, task_table
 from metaif_cli.score.run import LoadedRun, read_tasks_csv
 
 log = logging.getLogger(__name__)
@@ -118,13 +117,7 @@ def read_scores_dir(scores_dir: Path, run: LoadedRun, kind: str) -> Ranking:
     pool = run.exp.pools["train"]
     col = score_column(method)
     tasks_df = inst_df = None
-    for path in (tasks_path if kind == "task" else inst_path,):
-        recorded = (summary.get("files") or {}).get(path.name)
-        if path.exists() and recorded is not None and recorded != file_digest(path):
-            raise MetaifError(f"{path} is not the table {C.SCORE_JSON} recorded (another scoring replaced or changed "
-                              f"it); {fix}")
-        if path.exists() and recorded is None and "files" in summary:
-            raise MetaifError(f"{path} is not part of the result in {C.SCORE_JSON} (left by an earlier scoring); {fix}")
+    check_recorded(tasks_path if kind == "task" else inst_path, summary, fix)
     if kind == "task" and tasks_path.exists():
         tasks_df = read_csv(tasks_path, fix, columns=("task_id", col, "rank", "corrupted"), rows=len(pool))
     if kind != "task" and inst_path.exists():

@@ -18,6 +18,7 @@ import torch
 
 from metaif_cli import constants as C
 from metaif_cli.influence.problem import UnitScores
+from metaif_cli.errors import MetaifError
 from metaif_cli.fingerprint import file_digest
 from metaif_cli.io import save_csv
 from metaif_cli.reports.detection import detection_curve, detection_summary, random_detection_curve
@@ -112,6 +113,19 @@ def clear_results(out_dir: Path, everything: bool = False) -> None:
 def artefact_digests(out_dir: Path) -> dict[str, str]:
     """SHA-256 of each score table written (recorded in ``score.json``, checked by whoever reads them)."""
     return {name: file_digest(out_dir / name) for name in DIGESTED if (out_dir / name).is_file()}
+
+
+def check_recorded(path: Path, summary: dict, fix: str) -> None:
+    """Refuse a score table that is not the one ``score.json`` (``summary``) recorded: replaced or edited
+    since, or left by an earlier scoring. A ``score.json`` of an older metaif records none: accepted."""
+    if "files" not in summary or not path.exists():
+        return
+    recorded = (summary.get("files") or {}).get(path.name)
+    if recorded is None:
+        raise MetaifError(f"{path} is not part of the result in {C.SCORE_JSON} (left by an earlier scoring); {fix}")
+    if recorded != file_digest(path):
+        raise MetaifError(f"{path} is not the table {C.SCORE_JSON} recorded (another scoring replaced or changed it); "
+                          f"{fix}")
 
 
 def write_tables(out_dir: Path, tasks_df: pd.DataFrame | None, inst_df: pd.DataFrame | None) -> None:
