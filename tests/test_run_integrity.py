@@ -419,3 +419,15 @@ def test_trak_projection_too_large_for_memory_is_refused(run_copy, tmp_path):
 
     cfg = _score_cfg(run_copy, method="trak", unit="task", trak=TrakConfig(proj_dim=10**12))
     _refused(score, cfg, tmp_path / "scores", fragment="lower trak.proj_dim")
+
+
+def test_home_in_an_override_value_is_expanded_before_hydra_reads_it(monkeypatch, tmp_path):
+    from metaif_cli.cli import expand_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert expand_home("run=~/base") == f"run={tmp_path}/base"
+    assert expand_home("runs=~/a,~/b") == f"runs={tmp_path}/a,{tmp_path}/b"
+    assert expand_home("~optim.steps") == "~optim.steps"  # Hydra's deletion
+    assert expand_home("method=if") == "method=if"
+    proc = _metaif("score", "run=~/base", cwd=tmp_path)
+    assert proc.returncode == 2 and f"{tmp_path}/base does not exist" in proc.stderr, proc.stderr
