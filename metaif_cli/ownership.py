@@ -102,22 +102,26 @@ def release(folder: Path, fd: int) -> None:
 def owned_dir(folder: str | os.PathLike, command: str, shared: bool = False, wait: bool = True) -> Iterator[Path]:
     """Hold ``folder`` for ``command`` for the duration of the block.
 
-    The folder is created if absent, and removed again on exit if it is still empty
-    (a refused command leaves nothing behind).
+    The folder (and its missing parents) is created if absent, and removed again on exit if
+    it is still empty (a refused command leaves nothing behind).
     """
     folder = Path(folder)
-    created = not folder.exists()
+    created = []  # the folders made here, innermost first
+    probe = folder.absolute()
+    while not probe.exists() and probe.parent != probe:
+        created.append(probe)
+        probe = probe.parent
     folder.mkdir(parents=True, exist_ok=True)
     fd = acquire(folder, command, shared, wait)
     try:
         yield folder
     finally:
         release(folder, fd)
-        if created:
+        for made in created:  # a refused command leaves no empty folder behind
             try:
-                folder.rmdir()  # only when empty
+                made.rmdir()  # only when empty
             except OSError:
-                pass
+                break
 
 
 def check_foreign(folder: Path, command: str, run_dir: Path | None = None) -> None:

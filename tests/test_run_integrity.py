@@ -80,10 +80,10 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_folder_held_by_a_command_is_refused_naming_the_holder_when_not_waiting(tmp_path):
-    with owned_dir(tmp_path / "out", "score"):
-        text = _refused(acquire, tmp_path / "out", "score", wait=False, fragment="in use by metaif score (pid")
+    with owned_dir(tmp_path / "a" / "out", "score"):
+        text = _refused(acquire, tmp_path / "a" / "out", "score", wait=False, fragment="in use by metaif score (pid")
         assert "hydra.run.dir" in text
-    assert not (tmp_path / "out").exists()  # created by the lock, empty: removed again
+    assert not (tmp_path / "a").exists()  # created by the lock, empty: removed again, parents too
 
 
 def test_second_command_on_a_folder_waits_until_the_first_is_done(tmp_path):
