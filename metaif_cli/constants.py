@@ -13,6 +13,7 @@ RESULTS_JSON = "results.json"
 TRAIN_CONFIG_JSON = "train_config.json"
 WEIGHTS_PT = "weights.pt"
 TRAINING_CURVES_PNG = "training_curves.png"
+DATA_FINGERPRINT_JSON = "data_fingerprint.json"  # the content fingerprint of the images the run used
 
 # metaif score
 TASK_SCORES_CSV = "task_scores.csv"

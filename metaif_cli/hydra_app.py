@@ -3,7 +3,11 @@ out of Hydra, the run directory, quiet third-party loggers (no SPEC section: plu
 
 Each command is its own Hydra app with its own root config in ``conf/`` (STYLE,
 lightning-hydra-template: Hydra stays in the command layer). A :class:`MetaifError` or a
-Hydra composition error is printed as one line without a traceback (exit status 2).
+Hydra composition error is printed as one line without a traceback (exit status 2); an
+unknown setting or group name is answered with the closest known one ("did you mean"),
+and one added with ``+`` is refused like any other. In a sweep (``-m``), a job refused by
+its checks is reported in one line and the sweep goes on with the others: every valid job
+runs, and the sweep ends with exit status 2 naming how many were refused.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,6 +23,8 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from metaif_cli.errors import INTERRUPTED_EXIT, MetaifError, system_error
+from metaif_cli.hydra_rundir import HYDRA_SUBDIR, remove_if_only_hydra
+from metaif_cli.settings_names import closest, known_setting
 
 def conf_dir() -> str:
     """The Hydra config folder: ``metaif_cli/conf`` in an installed wheel, else the checkout's ``conf/``.
@@ -89,12 +95,35 @@ def user_error(exc: BaseException) -> MetaifError | None:
     return None
 
 
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line, without Hydra's search path, with a hint for common slips."""
+def config_groups(config_name: str) -> list[str]:
+    """The config groups of a command (the folders of ``conf/<command>/``)."""
+    folder = Path(command_conf_dir(config_name))
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def did_you_mean(key: str, schema: type | None, config_name: str | None) -> str:
+    """`` (did you mean dataset=?)`` for a mistyped setting or group name of a command, else ``""``."""
+    return closest(key, schema, config_groups(config_name) if config_name else [])
+
+
+_OVERRIDE_RE = re.compile(r"Could not (?:override|append to config)[^']*'([^']+)'")
+
+
+def one_line(exc: BaseException, schema: type | None = None, config_name: str | None = None) -> str:
+    """The message of ``exc`` on one line, without Hydra's search path, with a hint for common slips.
+
+    ``schema``/``config_name``: the command's root dataclass and config, to name the closest
+    setting or group to a mistyped one.
+    """
     text = " ".join(str(exc).split()).split(" Config search path")[0]
     cause = exc.__cause__
     if cause is not None and not isinstance(exc, MetaifError):
         text += ": " + " ".join(str(cause).split()).split(" full_key:")[0]
+    match = _OVERRIDE_RE.search(text)
+    if match and re.search(r"Key '[^']+' not in", text) and (schema is not None or config_name is not None):
+        key = match.group(1)  # Hydra would suggest "append with +key": an unknown name is a typo far more often
+        return (f"unknown setting or config group {key!r}{did_you_mean(key, schema, config_name)}; "
+                f"'--help' lists the groups and '--cfg job' the settings")
     for key, hint in HINTS.items():
         if f"'{key}'" in text:
             text += f" (did you mean {hint}? model= picks the network: mlp, cnn4 or custom)"
@@ -115,11 +144,15 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
 
     from metaif_cli.progress import redirect_logging
 
+    schema = next(iter(schemas.values()))
+    refused: list[str] = []
+
     @functools.wraps(task_fn)
     def guarded(cfg):
         global _TASK_CFG
         _TASK_CFG = cfg
         try:
+            check_added_keys(schema, config_name)
             with redirect_logging():  # log lines above the bars, never on a bar's line
                 return task_fn(cfg)
         except KeyboardInterrupt:  # what was written is complete (atomic writes): a rerun resumes
@@ -129,11 +162,50 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
             err = user_error(exc) or system_error(exc)
             if err is None:
                 raise
-            print(f"metaif {command}: error: {one_line(err)}", file=sys.stderr)
+            sweep = _sweep_job()
+            where = f" (job {sweep})" if sweep is not None else ""
+            print(f"metaif {command}: error{where}: {one_line(err)}", file=sys.stderr)
             remove_if_only_hydra()
-            sys.exit(2)
+            if sweep is None:
+                sys.exit(2)
+            refused.append(sweep)  # a sweep runs its other jobs; the exit status says some were refused
 
     hydra.main(version_base="1.3", config_path=command_conf_dir(config_name), config_name=config_name)(guarded)()
+    if refused:
+        print(f"metaif {command}: error: {len(refused)} job(s) of the sweep refused: {'; '.join(refused)}; "
+              "fix them and rerun the sweep (finished jobs are reused)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _sweep_job() -> str | None:
+    """This job's overrides when it is one job of a sweep (``-m``), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return f"#{hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}"
+
+
+def check_added_keys(schema: type, config_name: str) -> None:
+    """Refuse a setting added with ``+``/``++`` that the command does not have (``+optim.stepz=5``):
+    Hydra adds it, and the command would run without it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    groups = set(config_groups(config_name))
+    for text in HydraConfig.get().overrides.task:
+        if not text.startswith("+") or "=" not in text:
+            continue
+        key = text.lstrip("+").split("=", 1)[0].split("@", 1)[0]
+        if key.startswith("hydra") or key.split("/", 1)[0] in groups or known_setting(schema, key):
+            continue
+        raise MetaifError(f"unknown setting {key!r} (added with +){did_you_mean(key, schema, config_name)}; "
+                          "'--cfg job' lists the settings")
 
 
 SHARED_CONF = {"import": "train"}  # metaif import takes a run's settings: train's groups
@@ -145,7 +217,6 @@ def command_conf_dir(config_name: str) -> str:
 
 
 _TASK_CFG: DictConfig | None = None  # the config of the Hydra job running now
-HYDRA_SUBDIR = ".hydra"
 
 
 def save_hydra_config() -> None:
@@ -170,81 +241,6 @@ def save_hydra_config() -> None:
     write_text(OmegaConf.to_yaml(_TASK_CFG), folder / "config.yaml")
     write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})), folder / "hydra.yaml")
     write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task), folder / "overrides.yaml")
-
-
-_BEFORE: dict[str, frozenset[str] | None] = {}  # directory -> its entries before Hydra ran (None: absent)
-
-
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - Hydra < 1.1
-    _HydraCallback = object  # type: ignore[assignment,misc]
-
-
-def _record(config: DictConfig, key: str) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        HydraConfig.instance().set_config(config)  # run_job sets it too, right after this callback
-        folder = Path(os.path.abspath(str(OmegaConf.select(config, key))))  # as Hydra's runtime.output_dir
-    except Exception:  # an unresolvable directory fails in Hydra itself, with its own message
-        return
-    _BEFORE[str(folder)] = frozenset(p.name for p in folder.iterdir()) if folder.is_dir() else None
-
-
-class RunDirRecord(_HydraCallback):
-    """Hydra callback (``hydra.callbacks.run_dir`` in every root config): records, before Hydra
-    creates the run directory (the sweep directory under ``-m``), whether it existed and what it
-    held, so that a refused command removes only what it created (:func:`remove_if_only_hydra`)."""
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        _record(config, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        _record(config, "hydra.sweep.dir")
-
-
-def _entries_before(run_dir: Path) -> frozenset[str] | None | bool:
-    """What ``run_dir`` held before this command: its entries, None (created now) or False (unknown)."""
-    key = os.path.abspath(run_dir)
-    if key in _BEFORE:
-        return _BEFORE[key]
-    parent = _BEFORE.get(os.path.dirname(key), False)  # a job of a sweep
-    if parent is None or (parent is not False and run_dir.name not in parent):
-        return None
-    return False
-
-
-def remove_if_only_hydra() -> None:
-    """After a refused command, remove what it created and nothing else.
-
-    A run directory this invocation created, holding nothing but Hydra's own files (``.hydra/``,
-    the job log), is deleted; in a directory that existed before, only the job log Hydra opened
-    is removed, when it is new and nothing else was added. A directory whose history is unknown
-    (no record of the ``run_dir`` callback) is left as it is.
-    """
-    import shutil
-
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        hydra_cfg = HydraConfig.get()
-        run_dir = Path(hydra_cfg.runtime.output_dir)
-    except ValueError:  # no Hydra context: nothing was created
-        return
-    if not run_dir.is_dir() or Path.cwd().resolve().is_relative_to(run_dir.resolve()):
-        return
-    before = _entries_before(run_dir)
-    log_name = f"{hydra_cfg.job.name}.log"
-    if before is None:
-        if all(p.name in (HYDRA_SUBDIR, log_name) for p in run_dir.iterdir()):
-            logging.shutdown()  # the job log is open
-            shutil.rmtree(run_dir, ignore_errors=True)
-    elif before is not False:
-        added = {p.name for p in run_dir.iterdir()} - before
-        if added == {log_name} and (run_dir / log_name).is_file():
-            logging.shutdown()
-            (run_dir / log_name).unlink(missing_ok=True)
 
 
 def to_typed(cfg: DictConfig) -> object:

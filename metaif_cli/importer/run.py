@@ -29,6 +29,7 @@ from metaif_cli.importer.weights import fit_builtin, fit_custom, read_state_dict
 from metaif_cli.io import save_csv, save_json, save_torch
 from metaif_cli.meta.params import Params, non_finite
 from metaif_cli.train.loop import evaluate_split
+from metaif_cli.train.preflight import record_data
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def write_run_dir(exp: Experiment, lam: Params, run_dir: Path, source: dict | No
     table = pools_table(exp.pools, exp.dataset)
     split = {s: sorted(table.loc[table.split == s, "class"].unique().tolist()) for s in exp.pools}
     save_json(config_dict(exp.cfg), run_dir / C.TRAIN_CONFIG_JSON)
+    record_data(run_dir, exp.dataset)
     save_csv(table, run_dir / C.TASKS_CSV)
     save_json(split, run_dir / C.SPLIT_JSON)
     save_torch({"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg),

@@ -7,7 +7,7 @@ from typing import Optional
 
 from metaif_cli.checks import choice, in_range, integer, non_empty, positive
 from metaif_cli.errors import MetaifError
-from metaif_cli.score.config import METHODS, ScoreConfig
+from metaif_cli.score.config import METHODS, RunDataConfig, ScoreConfig
 
 
 LDS_VARY = ("batch_order", "init", "both")
@@ -80,6 +80,7 @@ class PruneConfig:
     """Root of ``metaif prune-and-retrain`` (``conf/prune_and_retrain/prune_and_retrain.yaml``)."""
 
     run: str = "???"
+    data: RunDataConfig = field(default_factory=RunDataConfig)
     scores: Optional[str] = None
     protocol: str = "remove"
     unit: str = "task"

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from metaif_cli import constants as C
-from metaif_cli.io import clean_stale_temporaries, load_json, save_json
+from metaif_cli.io import clean_stale_temporaries, load_json, resolved_path, save_json
+from metaif_cli.ownership import check_foreign, owned_dir
 from metaif_cli.prune import report
 from metaif_cli.prune.launch import launch
 from metaif_cli.prune.lds import lds_protocol
@@ -77,19 +78,26 @@ def prune_and_retrain(cfg: PruneConfig, out_dir: Path, before_write: Callable[[]
     """Run ``metaif prune-and-retrain`` into ``out_dir``; return the summary written there.
 
     Everything is checked before the first write or any scoring (:mod:`metaif_cli.prune.preflight`,
-    and ``scores=`` is read in full); ``before_write`` runs then (Hydra's ``.hydra/``).
+    and ``scores=`` is read in full); ``before_write`` runs then (Hydra's ``.hydra/``). The folder
+    is held by this command alone from the first read to the last write.
     """
-    run = load_run(Path(cfg.run), cfg.score.device, cfg.score.dtype, cfg.score.factory)
+    with owned_dir(out_dir, "prune-and-retrain"):
+        return _prune_and_retrain(cfg, out_dir, before_write)
+
+
+def _prune_and_retrain(cfg: PruneConfig, out_dir: Path, before_write: Callable[[], None] | None) -> dict:
+    run = load_run(cfg.run, cfg.score.device, cfg.score.dtype, data=cfg.data, factory=cfg.score.factory)
     pool = run.exp.pools["train"]
     tasks_csv = read_tasks_csv(run)
     units = all_units(len(pool), pool.spt_idx.shape[1], pool.qry_idx.shape[1], cfg.unit)
+    check_foreign(out_dir, "prune-and-retrain", run.run_dir)
     check_prune(cfg, run, units, out_dir)
-    given = read_scores_dir(Path(cfg.scores), run, cfg.unit) if cfg.scores else None
+    given = read_scores_dir(Path(resolved_path(cfg.scores)), run, cfg.unit) if cfg.scores else None
     if before_write is not None:
         before_write()
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out_dir)  # left by a killed earlier run (retrainings included)
-    save_json(dataclasses.asdict(cfg), out_dir / C.PRUNE_CONFIG_JSON)
+    save_json({**dataclasses.asdict(cfg), "run_fingerprint": run.fingerprint}, out_dir / C.PRUNE_CONFIG_JSON)
     ctx = Context(cfg, out_dir, run, corrupted_flags(tasks_csv, cfg.unit), units, given)
     if cfg.protocol == "lds":
         return lds_protocol(ctx, gather_rankings)

@@ -26,7 +26,7 @@ from metaif_cli.io import load_json, read_csv, save_csv, save_json, unreadable
 from metaif_cli.prune.config import PruneConfig
 from metaif_cli.score.config import ScoreConfig, settings_of
 from metaif_cli.score.methods import run_method
-from metaif_cli.score.outputs import instance_table, score_column, task_table
+from metaif_cli.score.outputs import check_recorded, instance_table, score_column, task_table
 from metaif_cli.score.run import LoadedRun, read_tasks_csv
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,19 @@ def read_scores_dir(scores_dir: Path, run: LoadedRun, kind: str) -> Ranking:
     if Path(summary["run"]).resolve() != run_dir.resolve():
         raise MetaifError(f"the scores in {scores_dir} were computed for run={summary['run']}, not {run_dir}; "
                           "pass the matching run= or score this run first")
+    if "run_fingerprint" not in summary:  # written by an older metaif: nothing to check against
+        log.warning("the scores in %s record no fingerprint of the run they were computed from; using them as they "
+                    "are (rescore with overwrite=true to have them checked)", scores_dir)
+    elif summary["run_fingerprint"] != run.fingerprint:
+        raise MetaifError(f"the scores in {scores_dir} were computed from another version of {run_dir} (its "
+                          f"{C.MODEL_PT} or {C.TASKS_CSV} changed since); rerun metaif score run={run_dir} into it "
+                          "with overwrite=true, or pass no scores=")
     method = summary["method"]
     tasks_path, inst_path = scores_dir / C.TASK_SCORES_CSV, scores_dir / C.INSTANCE_SCORES_CSV
     pool = run.exp.pools["train"]
     col = score_column(method)
     tasks_df = inst_df = None
+    check_recorded(tasks_path if kind == "task" else inst_path, summary, fix)
     if kind == "task" and tasks_path.exists():
         tasks_df = read_csv(tasks_path, fix, columns=("task_id", col, "rank", "corrupted"), rows=len(pool))
     if kind != "task" and inst_path.exists():

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from metaif_cli.checks import choice, in_range, integer, positive
+from metaif_cli.checks import choice, in_range, integer
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import resolved_path
 from metaif_cli.influence.baseline_config import EkfacConfig, TrakConfig
@@ -37,6 +37,22 @@ class EnsembleConfig:
 
 
 @dataclass
+class RunDataConfig:
+    """Where the run's images are read from now: ``root``/``cache`` replace the run's own
+    ``data.root``/``data.cache`` (null: the run's), e.g. for a run copied from another machine.
+    The images found must be those the run was trained on (their fingerprint is checked)."""
+
+    root: Optional[str] = None
+    cache: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for key in ("root", "cache"):
+            value = getattr(self, key)
+            if value is not None and not str(value).strip():
+                raise MetaifError(f"data.{key}= is empty; pass a folder, or leave it out to use the run's own")
+
+
+@dataclass
 class ScoreConfig:
     """Root of ``metaif score`` (``conf/score/score.yaml``).
 
@@ -49,6 +65,7 @@ class ScoreConfig:
     """
 
     run: str = "???"
+    data: RunDataConfig = field(default_factory=RunDataConfig)
     unit: str = "all"
     method: str = "if"
     derivative: str = "auto"
@@ -124,7 +141,8 @@ def parse_unit_ref(text: str) -> tuple[str, int, str | None, int | None]:
 
 def settings_of(cfg: ScoreConfig) -> dict:
     """The settings that determine the scores (saved beside them and checked on reuse)."""
-    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk", "factory"}
+    # where the data is read from does not change the scores (the run's data fingerprint is checked)
+    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk", "factory", "data"}
     # a library baseline's settings matter only to that method
     ignore |= {key for key, method in (("ekfac", "ekfac_if"), ("trak", "trak")) if cfg.method != method}
     if cfg.method != "trajectory":

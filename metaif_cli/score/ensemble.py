@@ -23,6 +23,7 @@ import torch
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
+from metaif_cli.io import resolved_path
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.score.config import ScoreConfig
@@ -72,7 +73,7 @@ def check_ensemble(run: LoadedRun, cfg: ScoreConfig) -> None:
     if required and k > 1:
         _require_checkpoints(run, k, len(earlier_checkpoints(run)))
     for path in cfg.runs:
-        if not (Path(path) / C.MODEL_PT).is_file():
+        if not (Path(resolved_path(path)) / C.MODEL_PT).is_file():
             raise MetaifError(f"runs: {path} is not a finished metaif train run (no {C.MODEL_PT}); list the "
                               "directories of finished runs")
 
@@ -116,9 +117,9 @@ def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, r
     k, required = ensemble_checkpoints(cfg)
     runs = [run]
     for path in cfg.runs:
-        if Path(path).resolve() in {r.run_dir.resolve() for r in runs}:
+        if Path(resolved_path(path)) in {r.run_dir.resolve() for r in runs}:
             raise MetaifError(f"runs: {path} is listed twice (run= is a member already)")
-        other = load_run(Path(path), cfg.device, cfg.dtype, cfg.factory)
+        other = load_run(path, cfg.device, cfg.dtype, data=cfg.data, factory=cfg.factory)
         check_same_pool(run, other)
         runs.append(other)
     members = [m for r in runs for m in checkpoint_members(r, k, required)]

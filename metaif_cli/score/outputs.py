@@ -19,6 +19,7 @@ import torch
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence.problem import UnitScores
+from metaif_cli.fingerprint import file_digest
 from metaif_cli.io import save_csv
 from metaif_cli.reports.detection import detection_curve, detection_summary, random_detection_curve
 
@@ -75,6 +76,56 @@ def detection(df: pd.DataFrame, method: str) -> dict:
     if not corrupted.any():
         return {}
     return detection_summary(df[score_column(method)].to_numpy(), corrupted)
+
+
+# what a scoring leaves in its folder, ``score.json`` first: without it the rest is no result
+RESULT_FILES = (C.SCORE_JSON, C.TASK_SCORES_CSV, C.INSTANCE_SCORES_CSV, C.TRAIN_BY_TEST_CSV, C.PRED_DELTA_LAM_PT,
+                C.INSTANCE_GRID_PNG, *(name.format(unit=unit) for name in (C.SCORE_DISTRIBUTION_PNG,
+                                                                             C.DETECTION_CURVE_PNG)
+                                       for unit in ("task", "instance")))
+DIGESTED = (C.TASK_SCORES_CSV, C.INSTANCE_SCORES_CSV, C.TRAIN_BY_TEST_CSV, C.PRED_DELTA_LAM_PT)
+
+
+def clear_results(out_dir: Path, everything: bool = False) -> None:
+    """Remove the result files of an earlier scoring in ``out_dir`` (``score.json`` first), so none of
+    them outlives a new result (``unit=task`` after ``unit=all`` leaves no ``instance_scores.csv``).
+
+    ``everything``: also what is kept for reuse across reruns of the same settings (``ihvp.pt``,
+    the shards, ``score_settings.json``), when ``overwrite=true`` replaces other settings.
+    Only files of these names are removed; nothing else in the folder is touched.
+    """
+    names = list(RESULT_FILES)
+    if everything:
+        names += [C.SCORE_SETTINGS_JSON, C.IHVP_PT]
+        names += [f"{C.SHARD_DIR}/{p.name}" for p in (out_dir / C.SHARD_DIR).glob("shard_*_of_*.pt")]
+    for name in names:
+        try:
+            (out_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+    if everything:
+        try:
+            (out_dir / C.SHARD_DIR).rmdir()  # only when empty
+        except OSError:
+            pass
+
+
+def artefact_digests(out_dir: Path) -> dict[str, str]:
+    """SHA-256 of each score table written (recorded in ``score.json``, checked by whoever reads them)."""
+    return {name: file_digest(out_dir / name) for name in DIGESTED if (out_dir / name).is_file()}
+
+
+def check_recorded(path: Path, summary: dict, fix: str) -> None:
+    """Refuse a score table that is not the one ``score.json`` (``summary``) recorded: replaced or edited
+    since, or left by an earlier scoring. A ``score.json`` of an older metaif records none: accepted."""
+    if "files" not in summary or not path.exists():
+        return
+    recorded = (summary.get("files") or {}).get(path.name)
+    if recorded is None:
+        raise MetaifError(f"{path} is not part of the result in {C.SCORE_JSON} (left by an earlier scoring); {fix}")
+    if recorded != file_digest(path):
+        raise MetaifError(f"{path} is not the table {C.SCORE_JSON} recorded (another scoring replaced or changed it); "
+                          f"{fix}")
 
 
 def write_tables(out_dir: Path, tasks_df: pd.DataFrame | None, inst_df: pd.DataFrame | None) -> None:

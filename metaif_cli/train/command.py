@@ -22,7 +22,8 @@ from metaif_cli.io import read_csv, save_csv, save_json
 from metaif_cli.train.config import TrainConfig
 from metaif_cli.train.experiment import build_experiment, config_dict
 from metaif_cli.train.loop import train
-from metaif_cli.train.preflight import check_run_dir
+from metaif_cli.ownership import check_foreign, owned_dir
+from metaif_cli.train.preflight import check_run_dir, check_sizes, record_data
 
 log = logging.getLogger("metaif.train")
 
@@ -36,12 +37,20 @@ def run_train(cfg: TrainConfig, run_dir: Path, before_write: Callable[[], None] 
     ``run_dir`` holding another run is refused); ``before_write`` runs then (the command
     layer saves Hydra's ``.hydra/`` there).
     """
+    with owned_dir(run_dir, "train"):
+        return _run_train(cfg, run_dir, before_write)
+
+
+def _run_train(cfg: TrainConfig, run_dir: Path, before_write: Callable[[], None] | None) -> dict:
+    check_foreign(run_dir, "train")
+    check_sizes(cfg.dataset)
     exp = build_experiment(cfg)
-    check_run_dir(run_dir, cfg)
+    check_run_dir(run_dir, cfg, exp.dataset)
     if before_write is not None:
         before_write()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(config_dict(cfg), run_dir / C.TRAIN_CONFIG_JSON)
+    record_data(run_dir, exp.dataset)
     table = pools_table(exp.pools, exp.dataset)
     save_csv(table, run_dir / C.TASKS_CSV)
     split = {s: sorted(table.loc[table.split == s, "class"].unique().tolist()) for s in exp.pools}

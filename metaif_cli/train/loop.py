@@ -52,7 +52,9 @@ class PoolWeights:
 
 
 def checkpoint_steps(steps: int, num: int) -> list[int]:
-    """Steps at which intermediate checkpoints are kept (evenly spaced, last = final)."""
+    """Steps at which intermediate checkpoints are kept (evenly spaced, last = final); at most one per
+    step (``num > steps`` keeps every step, without counting to ``num``)."""
+    num = min(num, steps)
     return sorted({max(1, round(steps * i / num)) for i in range(1, num + 1)}) if num else []
 
 
