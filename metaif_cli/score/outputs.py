@@ -121,7 +121,9 @@ def write_plots(out_dir: Path, method: str, tasks_df: pd.DataFrame | None, inst_
         corrupted = df["corrupted"].to_numpy()
         written.append(score_plots.plot_score_distribution(
             df[col].to_numpy(), corrupted if corrupted.any() else None,
-            out_dir / C.SCORE_DISTRIBUTION_PNG.format(unit=unit), f"{unit} scores ({method})"))
+            out_dir / C.SCORE_DISTRIBUTION_PNG.format(unit=unit), f"{unit} scores ({method})",
+            groups=df["role"].to_numpy() if unit == "instance" else None,
+            xlabel=f"{col} (negative = harmful)" if method not in SCORE_COLUMNS else f"{col} (lower = more harmful)"))
         if corrupted.any() and not corrupted.all():
             curves = {method: detection_curve(df[col].to_numpy(), corrupted),
                       "random": random_detection_curve(len(df), corrupted)}
@@ -134,11 +136,16 @@ def write_plots(out_dir: Path, method: str, tasks_df: pd.DataFrame | None, inst_
 
         def pick(rows: pd.DataFrame):
             imgs = images[torch.as_tensor(rows["instance_id"].to_numpy().copy())].float().cpu().numpy()
-            caps = [f"task {r.task_id} {r.role}\nlabel {r.label} ({r['class']})\n{r[col]:.2e}"
-                    for _, r in rows.iterrows()]
+            caps = [f"#{i + 1} {r.role} {r.task_id}:{r.position}{' [corrupted]' if r.corrupted else ''}\n"
+                    f"label {r.label}, class {r['class']}\n{r[col]:+.2e}" for i, (_, r) in enumerate(rows.iterrows())]
             return imgs, caps
 
         hi, hc = pick(harmful)
         pi, pc = pick(helpful)
-        written.append(instance_grids.plot_harmful_helpful_grid(hi, hc, pi, pc, out_dir / C.INSTANCE_GRID_PNG))
+        legend = ("Caption: #rank, role and task:position of the instance; label = its position in the task's "
+                  "label order (the row of the model's output head it trains); class = the dataset's class "
+                  f"(e.g. alphabet/character); last line: {col}, the predicted change of the meta-test loss if the "
+                  "instance is removed (negative = harmful). [corrupted]: its label was corrupted on purpose.")
+        written.append(instance_grids.plot_harmful_helpful_grid(hi, hc, pi, pc, out_dir / C.INSTANCE_GRID_PNG,
+                                                                legend=legend, column=col))
     return [str(p) for p in written]
