@@ -42,10 +42,14 @@ def test_remove_conclusion_compares_every_method_with_random_and_with_keeping_ev
     assert "over 3 paired retrainings" in text
 
 
-def test_lds_separable_when_intervals_do_not_overlap():
-    lines = separable({"if": 0.4, "random": -0.1, "loss": 0.3}, {"if": 0.6, "random": 0.1, "loss": 0.5})
-    assert "- if above random: separable (intervals do not overlap)" in lines
-    assert "- if vs loss: not separable (intervals overlap)" in lines
+def test_lds_separable_when_the_paired_interval_excludes_zero():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=40)
+    preds = {"if": target + 0.1 * rng.normal(size=40), "random": rng.normal(size=40),
+             "if_copy": target + 0.1 * rng.normal(size=40)}
+    lines = separable(preds, target, num=200, seed=0)
+    assert any(line.startswith("- if above random: separable") for line in lines), lines
+    assert any(line.startswith("- if vs if_copy: not separable") for line in lines), lines
 
 
 def test_plan_counts_retrainings_and_estimates_from_the_runs_training_time():

@@ -102,6 +102,17 @@ def write_remove_summary(out_dir: Path, summary: dict, retrain_seeds: int) -> li
     return lines
 
 
+def write_lds_summary(out_dir: Path, table: pd.DataFrame, preds: dict, target: np.ndarray, null_band: float,
+                      bootstrap: int, seed: int) -> list[str]:
+    """``summary.md`` of ``protocol=lds``: each method against the null band, which methods are separable."""
+    from metaif_cli.reports.verdicts import lds_conclusion
+
+    lines = ["# metaif prune-and-retrain: protocol=lds", ""]
+    lines += lds_conclusion(table.to_dict("records"), preds, target, null_band, bootstrap, seed)
+    write_text("\n".join(lines) + "\n", out_dir / C.SUMMARY_MD)
+    return lines
+
+
 def nearest_fraction(fractions: list[float], target: float = 0.4) -> float:
     """The fraction run closest to ``target`` (the smaller one on a tie)."""
     return min(sorted(fractions), key=lambda f: abs(f - target))

@@ -73,17 +73,40 @@ def remove_conclusion(accuracies: dict[tuple[str, float], list[float]], baseline
     return lines
 
 
-def separable(low: dict[str, float], high: dict[str, float]) -> list[str]:
-    """Lines naming which methods' intervals (e.g. of the LDS) do not overlap: those are separable."""
-    methods = list(low)
-    lines = []
+def separable(preds: dict[str, np.ndarray], target: np.ndarray, num: int = 1000, seed: int = 0) -> list[str]:
+    """Lines naming, for every pair of methods, whether their LDS differ: the paired 95% bootstrap
+    interval of ``LDS(a) - LDS(b)`` over the subsets (:func:`metaif_cli.reports.lds.paired_difference_ci`)
+    excludes zero (separable) or holds it (not separable)."""
+    from metaif_cli.reports.lds import paired_difference_ci
+
+    methods, lines = list(preds), []
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
-            if not all(np.isfinite([low[a], high[a], low[b], high[b]])):
-                lines.append(f"- {a} vs {b}: no interval")
-            elif low[a] > high[b] or low[b] > high[a]:
-                first, second = (a, b) if low[a] > high[b] else (b, a)
-                lines.append(f"- {first} above {second}: separable (intervals do not overlap)")
+            point, low, high = paired_difference_ci(preds[a], preds[b], target, num, seed)
+            if not np.isfinite([point, low, high]).all():
+                lines.append(f"- {a} vs {b}: no interval (an LDS is undefined)")
+            elif low > 0 or high < 0:
+                first, second = (a, b) if point > 0 else (b, a)
+                lines.append(f"- {first} above {second}: separable (LDS difference {abs(point):.3f}, 95% interval "
+                             f"[{min(abs(low), abs(high)):.3f}, {max(abs(low), abs(high)):.3f}])")
             else:
-                lines.append(f"- {a} vs {b}: not separable (intervals overlap)")
+                lines.append(f"- {a} vs {b}: not separable (LDS difference {point:+.3f}, 95% interval "
+                             f"[{low:+.3f}, {high:+.3f}] holds zero)")
+    return lines
+
+
+def lds_conclusion(table: list[dict], preds: dict[str, np.ndarray], target: np.ndarray, null_band: float,
+                   num: int = 1000, seed: int = 0) -> list[str]:
+    """Markdown lines of ``protocol=lds``: each method against the null band, then which pairs are separable."""
+    lines = ["## LDS", "", f"Spearman correlation across subsets of predicted and retrained f, 95% bootstrap interval; "
+             f"an unrelated prediction stays within +-{null_band:.3f} (the null band).", ""]
+    for row in table:
+        low, high = row["lds_ci_low"], row["lds_ci_high"]
+        where = ("above the null band" if low > null_band else
+                 "within reach of the null band: not shown to predict retraining" if high > -null_band else
+                 "below the null band: predicts the wrong direction")
+        lines.append(f"- {row['method']}: LDS {row['lds']:.3f} [{low:.3f}, {high:.3f}], {where}")
+    if len(preds) > 1:
+        lines += ["", "Which methods are separable (paired bootstrap over the same subsets):"]
+        lines += separable(preds, target, num, seed)
     return lines
