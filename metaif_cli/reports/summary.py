@@ -77,6 +77,31 @@ def _corruption(df: pd.DataFrame, column: str, label: str, top: int) -> str | No
             f"{k * flags.mean():.1f})")
 
 
+def by_label(df: pd.DataFrame, column: str, top: int = 100) -> str | None:
+    """One line: mean score per label with its 95% interval over the instances, and the labels of the
+    ``top`` most helpful; None for fewer than two labels.
+
+    A label is a position in the task's label order, not a class: tasks draw their classes at random,
+    so a label that stands out is a property of the model (its output head's rows are meta-learned and
+    not interchangeable), not of the data.
+    """
+    from metaif_cli.reports.intervals import mean_ci95
+
+    labels = sorted(df["label"].unique().tolist())
+    if len(labels) < 2:
+        return None
+    parts = []
+    for label in labels:
+        mean, half = mean_ci95(df.loc[df["label"] == label, column].to_numpy(dtype=float))
+        parts.append(f"{label}: {mean:+.2g} +- {half:.1g}")
+    k = min(top, len(df))
+    helpful = df.sort_values(column, kind="stable").iloc[::-1].head(k)["label"].value_counts()
+    counts = ", ".join(f"{int(label)}: {int(c)}" for label, c in helpful.items())
+    return (f"- by label (mean +- 95% interval over instances): {'; '.join(parts)}. Labels of the {k} most helpful: "
+            f"{counts}. A label is a position in the task's label order, so a label that stands out is the "
+            "model's (its meta-learned output head treats the label positions differently), not the data's")
+
+
 def score_summary(tasks_df: pd.DataFrame | None, inst_df: pd.DataFrame | None, column: str,
                   se_column: str | None, members: int, method: str, influence: bool,
                   top: int = TOP) -> list[str]:
@@ -114,6 +139,8 @@ def score_summary(tasks_df: pd.DataFrame | None, inst_df: pd.DataFrame | None, c
                 continue
             lines += ["", f"## {role.capitalize()} instances ({_counts(df, column, se_column, members, influence)})"]
             lines += _lists(df, "instance", column, se_column, members, top)
+            labels = by_label(df, column) if influence else None
+            lines += [labels] if labels else []
             extra = _corruption(df, column, f"{role} instances", top)
             lines += [extra] if extra else []
     return lines
