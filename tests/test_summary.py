@@ -76,3 +76,22 @@ def test_score_csv_lists_most_harmful_first_with_its_spread(shifted_scores):
     tasks = pd.read_csv(out / "task_scores.csv")
     assert tasks.pred_delta_test_loss.is_monotonic_increasing and tasks["rank"].tolist() == list(range(1, 31))
     assert (tasks.pred_delta_test_loss_se >= 0).all()  # the default ensemble: final point + 1 checkpoint
+
+
+def test_summary_lists_no_harmful_unit_when_every_score_is_positive():
+    df = pd.DataFrame({"task_id": [0, 1], "pred_delta_test_loss": [0.2, 0.1], "corrupted": [False, False]})
+    text = "\n".join(score_summary(df, None, "pred_delta_test_loss", None, 1, "if", True))
+    assert "- most harmful: none (no task has a negative score)" in text
+    assert "- most helpful: task 0 +0.2; task 1 +0.1" in text
+
+
+def test_summary_says_when_one_label_stands_out_among_the_most_helpful():
+    rng = np.random.default_rng(0)
+    labels = np.tile(np.arange(5), 100)  # 500 support instances, labels 0-4
+    scores = rng.normal(size=500) + 3.0 * (labels == 3)  # label 3 scores higher: the head's doing
+    df = pd.DataFrame({"task_id": np.repeat(np.arange(100), 5), "role": "support", "position": labels,
+                       "label": labels, "class": 0, "pred_delta_test_loss": scores, "corrupted": False})
+    text = "\n".join(score_summary(None, df, "pred_delta_test_loss", None, 1, "if", True))
+    assert "Label 3 holds" in text and "of the 100 most helpful" in text and "not classes" in text
+    even = df.assign(pred_delta_test_loss=rng.normal(size=500))
+    assert "holds" not in "\n".join(score_summary(None, even, "pred_delta_test_loss", None, 1, "if", True))

@@ -43,13 +43,18 @@ def _value(row, column: str, se_column: str | None, members: int) -> str:
     return text
 
 
-def _lists(df: pd.DataFrame, unit: str, column: str, se_column: str | None, members: int, top: int) -> list[str]:
+def _lists(df: pd.DataFrame, unit: str, column: str, se_column: str | None, members: int, top: int,
+           influence: bool) -> list[str]:
     ordered = df.sort_values(column, kind="stable")
-    harmful, helpful = ordered.head(top), ordered.iloc[::-1].head(top)
+    if influence:  # only negative scores are harmful, only positive ones helpful
+        harmful, helpful = ordered[ordered[column] < 0].head(top), ordered[ordered[column] > 0].iloc[::-1].head(top)
+    else:
+        harmful, helpful = ordered.head(top), ordered.iloc[::-1].head(top)
     lines = []
     for word, rows in (("most harmful", harmful), ("most helpful", helpful)):
         items = [f"{_name(r, unit)} {_value(r, column, se_column, members)}" for _, r in rows.iterrows()]
-        lines.append(f"- {word}: " + "; ".join(items))
+        sign = "negative" if word == "most harmful" else "positive"
+        lines.append(f"- {word}: " + ("; ".join(items) if items else f"none (no {unit} has a {sign} score)"))
     return lines
 
 
@@ -77,13 +82,14 @@ def _corruption(df: pd.DataFrame, column: str, label: str, top: int) -> str | No
             f"{k * flags.mean():.1f})")
 
 
-def by_label(df: pd.DataFrame, column: str, top: int = 100) -> str | None:
-    """One line: mean score per label with its 95% interval over the instances, and the labels of the
-    ``top`` most helpful; None for fewer than two labels.
+def by_label(df: pd.DataFrame, column: str) -> str | None:
+    """One line: mean score per label with its 95% interval over the instances; when one label holds
+    more than twice its share of the most helpful (top 20%, at most 100), a note saying so. None for
+    fewer than two labels.
 
-    A label is a position in the task's label order, not a class: tasks draw their classes at random,
-    so a label that stands out is a property of the model (its output head's rows are meta-learned and
-    not interchangeable), not of the data.
+    A label is a position in the task's label order, not a class: tasks draw their classes in random
+    order, so a label that stands out is a property of the model (its output head's rows are
+    meta-learned and not interchangeable), not of the data.
     """
     from metaif_cli.reports.intervals import mean_ci95
 
@@ -94,12 +100,16 @@ def by_label(df: pd.DataFrame, column: str, top: int = 100) -> str | None:
     for label in labels:
         mean, half = mean_ci95(df.loc[df["label"] == label, column].to_numpy(dtype=float))
         parts.append(f"{label}: {mean:+.2g} +- {half:.1g}")
-    k = min(top, len(df))
-    helpful = df.sort_values(column, kind="stable").iloc[::-1].head(k)["label"].value_counts()
-    counts = ", ".join(f"{int(label)}: {int(c)}" for label, c in helpful.items())
-    return (f"- by label (mean +- 95% interval over instances): {'; '.join(parts)}. Labels of the {k} most helpful: "
-            f"{counts}. A label is a position in the task's label order, so a label that stands out is the "
-            "model's (its meta-learned output head treats the label positions differently), not the data's")
+    line = f"- mean by label (+- 95% interval over instances): {'; '.join(parts)}"
+    k = min(100, len(df) // 5)
+    if k >= 20:
+        counts = df.sort_values(column, kind="stable").iloc[::-1].head(k)["label"].value_counts()
+        label, count = int(counts.index[0]), int(counts.iloc[0])
+        if count > 2 * k / len(labels):
+            line += (f". Label {label} holds {count} of the {k} most helpful: labels are positions in the task's "
+                     "label order, not classes, so this is the model's doing (its meta-learned output head treats "
+                     "label positions differently), not the data's")
+    return line
 
 
 def score_summary(tasks_df: pd.DataFrame | None, inst_df: pd.DataFrame | None, column: str,
@@ -129,7 +139,7 @@ def score_summary(tasks_df: pd.DataFrame | None, inst_df: pd.DataFrame | None, c
     lines.append("The CSVs list the most harmful first.")
     if tasks_df is not None:
         lines += ["", f"## Tasks ({_counts(tasks_df, column, se_column, members, influence)})"]
-        lines += _lists(tasks_df, "task", column, se_column, members, top)
+        lines += _lists(tasks_df, "task", column, se_column, members, top, influence)
         extra = _corruption(tasks_df, column, "tasks", top)
         lines += [extra] if extra else []
     if inst_df is not None:
@@ -138,7 +148,7 @@ def score_summary(tasks_df: pd.DataFrame | None, inst_df: pd.DataFrame | None, c
             if not len(df):
                 continue
             lines += ["", f"## {role.capitalize()} instances ({_counts(df, column, se_column, members, influence)})"]
-            lines += _lists(df, "instance", column, se_column, members, top)
+            lines += _lists(df, "instance", column, se_column, members, top, influence)
             labels = by_label(df, column) if influence else None
             lines += [labels] if labels else []
             extra = _corruption(df, column, f"{role} instances", top)
