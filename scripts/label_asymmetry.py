@@ -38,20 +38,21 @@ def main(run_dir: str) -> None:
     cfg = ScoreConfig(run=run_dir, unit="instance", progress=False, plots=False)
     cfg = dataclasses.replace(cfg, ensemble=dataclasses.replace(cfg.ensemble, checkpoints=1))
     ways = run.lam["head.bias"].shape[0]
-    pi = np.roll(np.arange(ways), 1)  # label c -> c + 1
+    pi = np.roll(np.arange(ways), 1)  # [N-1, 0, 1, ...]: new row pi[c] = old row c, i.e. new row c = old row c + 1
     before = per_label(run, cfg)
     permuted = {k: v.clone() for k, v in run.lam.items()}
     for name in ("head.weight", "head.bias"):
         permuted[name][torch.as_tensor(pi)] = run.lam[name]  # new row pi(c) = old row c
     after = per_label(dataclasses.replace(run, lam=permuted), cfg)
     norms = run.lam["head.weight"].norm(dim=1).tolist()
-    print("label  head|w|  head b   mean support score (original)   (head rows moved c -> c+1)")
+    print("label  head|w|  head b   mean support score (original)   (new row c = old row c+1)")
     for c in range(ways):
         print(f"{c:5d}  {norms[c]:7.3f}  {float(run.lam['head.bias'][c]):+.3f}   "
               f"{before[c][0]:+.3e} +- {before[c][1]:.1e}        {after[c][0]:+.3e} +- {after[c][1]:.1e}")
     top = int(np.argmax([m for m, _ in before]))
     moved = int(np.argmax([m for m, _ in after]))
-    print(f"highest label: {top} originally, {moved} with the head rows moved (the head's if {moved} == {(top + 1) % ways})")
+    verdict = "follows the head's rows: the model's" if moved == (top - 1) % ways else "does not follow the head's rows"
+    print(f"highest label: {top} originally, {moved} with the head rows moved ({verdict})")
 
 
 if __name__ == "__main__":
