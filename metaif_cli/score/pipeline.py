@@ -111,7 +111,9 @@ def score(cfg: ScoreConfig, out_dir: Path, before_write: Callable[[], None] | No
     if rank == 0:  # saved with the first result, so a failed computation leaves no settings to refuse the next
         save_json(settings_of(cfg), out_dir / C.SCORE_SETTINGS_JSON)
     if world > 1:
-        out.scores, out.spread = _gather(out.scores, world), None  # the members' spread stays per process
+        out.scores = _gather(out.scores, world)
+        if out.spread is not None:  # every process scored the same members: all of them gather it
+            out.spread = _gather(out.spread, world)
         if rank != 0:
             return {}
     elif k > 1:
