@@ -34,6 +34,7 @@ LOO_RESULTS_CSV = "loo_results.csv"
 LOO_SUMMARY_JSON = "loo_summary.json"
 MAIN_TABLE_CSV = "main_table.csv"
 MAIN_TABLE_MD = "main_table.md"
+SUMMARY_MD = "summary.md"  # every command's conclusion in words (score, prune-and-retrain)
 ACCURACY_PNG = "accuracy_vs_fraction.png"
 PRED_VS_ACTUAL_PNG = "pred_vs_actual_{retrain}.png"
 RETRAIN_DIR = "retrains"

@@ -44,6 +44,7 @@ class ScoreOutput:
     inner_residual: float | None = None  # implicit mode: worst inner solve / CG relative residual
     reused_s: bool = False  # s was given (computed earlier with the same settings), not solved here
     members: list[dict] | None = None  # ensembles: each member's label, seconds, residual, damping
+    spread: UnitScores | None = None  # ensembles: standard error of the mean score over the members
     seconds: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # method-specific facts for score.json (library baselines)
 

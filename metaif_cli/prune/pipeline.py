@@ -154,8 +154,9 @@ def retrain_by_loo(ctx: Context) -> Ranking:
 def remove_protocol(ctx: Context) -> dict:
     """Remove the most harmful fractions by every method, update, evaluate, report."""
     cfg, run = ctx.cfg, ctx.run
-    rankings = gather_rankings(ctx, cfg.methods)
     n = len(ctx.units)
+    log.info("%s", report.plan_text(cfg, n, report.own_train_seconds(run.run_dir)))
+    rankings = gather_rankings(ctx, cfg.methods)
     plan = [(m, f, select(rankings[m], f, n)) for m in cfg.methods for f in cfg.fractions]
     base = _baseline_metrics(ctx)
     rows = [_row(ctx, "none", 0.0, [], base, 0.0, float(base["train_seconds"]) if cfg.update == "retrain" else 0.0)]
@@ -163,7 +164,7 @@ def remove_protocol(ctx: Context) -> dict:
     if cfg.update == "retrain" and cfg.retrain_seeds > 1:
         rows, extra = _remove_over_seeds(ctx, plan, rankings, base)
     elif cfg.update == "retrain":
-        jobs = [retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}") for m, f, units in plan]
+        jobs = [retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}", progress=cfg.progress) for m, f, units in plan]
         for (m, f, units), res in zip(plan, ctx.launch(jobs)):
             rows.append(_row(ctx, m, f, units, res, rankings[m].seconds, float(res["train_seconds"])))
     else:
@@ -179,6 +180,9 @@ def remove_protocol(ctx: Context) -> dict:
                    else grad_ascent(run, units, cfg.grad_ascent_steps, cfg.grad_ascent_lr))
             seconds = time.perf_counter() - t0
             rows.append(_row(ctx, m, f, units, evaluate(run, lam), rankings[m].seconds, seconds))
+    if "test_acc_by_retraining" not in extra:  # one model per row
+        extra["test_acc_by_retraining"] = {f"{r['method']}@{r['fraction']:g}": [r["test_acc"]] for r in rows[1:]}
+        extra["unpruned_test_acc_by_retraining"] = [rows[0]["test_acc"]]
     results = pd.DataFrame(rows)
     title = f"{run.run_dir.name}: {cfg.unit} removal ({cfg.update})"
     paths = report.write_prune_outputs(ctx.out_dir, results, title)
@@ -190,9 +194,12 @@ def remove_protocol(ctx: Context) -> dict:
                "rankings": {m: {"seconds": r.seconds, "source": r.source, "column": r.column}
                             for m, r in rankings.items()},
                "outputs": paths, **extra}
+    lines = report.write_remove_summary(ctx.out_dir, summary, cfg.retrain_seeds if cfg.update == "retrain" else 1)
+    summary["outputs"]["summary"] = str(ctx.out_dir / C.SUMMARY_MD)
     save_json(summary, ctx.out_dir / C.PRUNE_SUMMARY_JSON)
     columns = report.PRUNE_COLUMNS + [c for c in report.SEED_COLUMNS if c in results]
     log.info("test accuracy by method and fraction removed:\n%s", report.compact(results[columns]))
+    log.info("conclusion (also in %s):\n%s", C.SUMMARY_MD, "\n".join(lines))
     return {**summary, "results": results[columns]}
 
 
@@ -207,9 +214,10 @@ def _remove_over_seeds(ctx: Context, plan: list, rankings: dict[str, Ranking], b
     """
     cfg, run = ctx.cfg, ctx.run
     variants = seed_variants(run.train_cfg, cfg.retrain_seeds, cfg.seed, "batch_order")
-    jobs = [with_seeds(retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}{v.suffix}"), v)
+    jobs = [with_seeds(retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}{v.suffix}", progress=cfg.progress), v)
             for v in variants for m, f, units in plan]
-    jobs += [with_seeds(retrain_job(run, [], ctx.retrain_root / f"none{v.suffix}"), v) for v in variants[1:]]
+    jobs += [with_seeds(retrain_job(run, [], ctx.retrain_root / f"none{v.suffix}", progress=cfg.progress), v)
+             for v in variants[1:]]
     results = ctx.launch(jobs)
     k = len(plan)
     per_plan = [[results[r * k + j] for r in range(len(variants))] for j in range(k)]
@@ -229,7 +237,10 @@ def _remove_over_seeds(ctx: Context, plan: list, rankings: dict[str, Ranking], b
         rows.append({**_row(ctx, m, f, units, metrics, rankings[m].seconds, seconds), "retrain_seeds": len(variants),
                      "test_acc_sd_seeds": metrics["test_acc_sd_seeds"]})
     extra = {"retrain_seeds": len(variants), "seed_variants": [v.as_dict() for v in variants],
-             "unpruned_test_acc_sd_seeds": base_metrics["test_acc_sd_seeds"]}
+             "unpruned_test_acc_sd_seeds": base_metrics["test_acc_sd_seeds"],
+             "test_acc_by_retraining": {f"{m}@{f:g}": [float(r["test_acc"]) for r in res]
+                                        for (m, f, _), res in zip(plan, per_plan)},
+             "unpruned_test_acc_by_retraining": [float(r["test_acc"]) for r in baseline]}
     log.info("unpruned model over %d batch orders: test accuracy %.4f, sd %.4f", len(variants),
              base_metrics["test_acc"], base_metrics["test_acc_sd_seeds"])
     return rows, extra

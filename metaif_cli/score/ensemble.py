@@ -123,16 +123,14 @@ def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, r
         check_same_pool(run, other)
         runs.append(other)
     members = [m for r in runs for m in checkpoint_members(r, k, required)]
-    total: UnitScores | None = None
+    scored: list[UnitScores] = []
     seconds: dict[str, float] = {}
     report = []
     for label, member in members:
         t0 = time.perf_counter()
         out = single(member, cfg, index, rank, world)
         wall = time.perf_counter() - t0
-        sc = out.scores
-        total = sc if total is None else UnitScores(total.task + sc.task, total.query + sc.query,
-                                                    total.support + sc.support)
+        scored.append(out.scores)
         for stage, value in out.seconds.items():
             seconds[stage] = seconds.get(stage, 0.0) + value
         report.append({"member": label, "seconds": wall,
@@ -140,7 +138,15 @@ def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, r
                        "damping": None if out.curvature is None else out.curvature.damping,
                        "eval_value": out.eval_value})
         log.info("ensemble member %s scored in %.1f s", label, wall)
-    assert total is not None
-    m = len(members)
-    mean = UnitScores(total.task / m, total.query / m, total.support / m)
-    return compute.ScoreOutput(mean, seconds=seconds, members=report)
+    mean, spread = mean_and_standard_error(scored)
+    return compute.ScoreOutput(mean, seconds=seconds, members=report, spread=spread)
+
+
+def mean_and_standard_error(scored: list[UnitScores]) -> tuple[UnitScores, UnitScores | None]:
+    """Mean of the members' scores and its standard error ``sd / sqrt(m)`` (None for one member)."""
+    fields = ("task", "query", "support")
+    stacked = {f: torch.stack([getattr(s, f) for s in scored]) for f in fields}  # [m, ...]
+    mean = UnitScores(*(stacked[f].mean(0) for f in fields))
+    if len(scored) < 2:
+        return mean, None
+    return mean, UnitScores(*(stacked[f].std(0) / len(scored) ** 0.5 for f in fields))

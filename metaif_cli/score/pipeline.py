@@ -28,7 +28,7 @@ from metaif_cli.io import clean_stale_temporaries, load_json, load_torch, resolv
 from metaif_cli.score.config import ScoreConfig, parse_shard, parse_unit_ref, settings_of
 from metaif_cli.ownership import check_foreign, owned_dir
 from metaif_cli.score.outputs import (artefact_digests, clear_results, detection, instance_table, task_table,
-                                      write_plots, write_tables)
+                                      write_plots, write_summary, write_tables)
 from metaif_cli.score.methods import pred_delta_lam, run_method
 from metaif_cli.score.ihvp import load_solved, save_solved
 from metaif_cli.score.preflight import check_inputs
@@ -134,22 +134,26 @@ def _score(cfg: ScoreConfig, out_dir: Path, before_write: Callable[[], None] | N
         save_json(settings_of(cfg), out_dir / C.SCORE_SETTINGS_JSON)
     if world > 1:
         out.scores = _gather(out.scores, world)
+        if out.spread is not None:  # every process scored the same members: all of them gather it
+            out.spread = _gather(out.spread, world)
         if rank != 0:
             return {}
     elif k > 1:
-        save_torch({"scores": dict(out.scores.__dict__), "index": index, "settings": settings_of(cfg), "s": out.s,
-                    "seconds": out.seconds, "run_fingerprint": run.fingerprint},
+        spread = None if out.spread is None else dict(out.spread.__dict__)
+        save_torch({"scores": dict(out.scores.__dict__), "spread": spread, "index": index, "settings": settings_of(cfg),
+                    "s": out.s, "seconds": out.seconds, "run_fingerprint": run.fingerprint},
                    out_dir / C.SHARD_DIR / f"shard_{i}_of_{k}.pt")
         merged = _merge_shards(out_dir, k, cfg, run.fingerprint)
         if merged is None:
             log.info("shard %d/%d written; the last shard to finish merges them", i, k)
             return {}
-        out.scores = merged
+        out.scores, out.spread = merged
     summary = write_outputs(run, cfg, out, out_dir)
     return summary
 
 
-def _merge_shards(out_dir: Path, k: int, cfg: ScoreConfig, fingerprint: str | None = None) -> UnitScores | None:
+def _merge_shards(out_dir: Path, k: int, cfg: ScoreConfig, fingerprint: str | None = None
+                  ) -> tuple[UnitScores, UnitScores | None] | None:
     paths = [out_dir / C.SHARD_DIR / f"shard_{j}_of_{k}.pt" for j in range(k)]
     if not all(p.exists() for p in paths):
         return None
@@ -159,7 +163,11 @@ def _merge_shards(out_dir: Path, k: int, cfg: ScoreConfig, fingerprint: str | No
            for p in parts):
         raise MetaifError(f"the shards in {out_dir / C.SHARD_DIR} were computed with different settings; "
                           "(or for another version of the run); delete them and rerun every shard")
-    return UnitScores(*(torch.cat([p["scores"][f] for p in parts]) for f in ("task", "query", "support")))
+    fields = ("task", "query", "support")
+    scores = UnitScores(*(torch.cat([p["scores"][f] for p in parts]) for f in fields))
+    if any(p.get("spread") is None for p in parts):
+        return scores, None
+    return scores, UnitScores(*(torch.cat([p["spread"][f] for p in parts]) for f in fields))
 
 
 def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, out_dir: Path) -> dict:
@@ -167,8 +175,10 @@ def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, ou
     import pandas as pd
 
     tasks_csv = read_tasks_csv(run)
-    tasks_df = task_table(out.scores, tasks_csv, cfg.method) if cfg.unit in ("task", "all") else None
-    inst_df = instance_table(out.scores, tasks_csv, cfg.method) if cfg.unit in ("instance", "all") else None
+    spread = out.spread
+    tasks_df = task_table(out.scores, tasks_csv, cfg.method, spread=spread) if cfg.unit in ("task", "all") else None
+    inst_df = (instance_table(out.scores, tasks_csv, cfg.method, spread=spread) if cfg.unit in ("instance", "all")
+               else None)
     write_tables(out_dir, tasks_df, inst_df)
     if out.s is not None and out.solve is not None:
         save_solved(out_dir, cfg, run.lam, Solved(out.s, out.solve, out.curvature))
@@ -211,7 +221,9 @@ def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, ou
                             if df is not None and df["corrupted"].any()}
     if cfg.plots:
         summary["plots"] = write_plots(out_dir, cfg.method, tasks_df, inst_df, run.exp.images, cfg.grid_size)
+    lines = write_summary(out_dir, cfg.method, tasks_df, inst_df, len(out.members) if out.members else 1)
     save_json(summary, out_dir / C.SCORE_JSON)
     log.info("scored %d tasks with %s in %.1f s; outputs in %s", summary["n_tasks"], cfg.method,
              summary["total_seconds"], out_dir)
+    log.info("conclusion (also in %s):\n%s", C.SUMMARY_MD, "\n".join(lines[2:]))
     return summary

@@ -50,6 +50,22 @@ class OptimConfig:
         positive("optim.delta_reg", self.delta_reg, allow_zero=True)
         choice("optim.optimizer", self.optimizer, ("adam", "sgd"))
 
+    def checkpoint_note(self, kept: list[int]) -> str | None:
+        """A line saying where checkpoints land when ``checkpoint_every`` suggests other steps (None: they agree).
+
+        ``num_checkpoints`` decides the kept checkpoints (evenly spaced); ``checkpoint_every`` only how often
+        the resume state is saved: the two are independent, and a user who set both must be told which wins.
+        """
+        if len(kept) < self.num_checkpoints:  # e.g. debug=fast's 2 with optim.steps=1: resolved, and said
+            return (f"optim.num_checkpoints={self.num_checkpoints} but optim.steps={self.steps} has room for "
+                    f"{len(kept)}: keeping checkpoints at steps {', '.join(map(str, kept))}")
+        if all(step % self.checkpoint_every == 0 for step in kept):
+            return None
+        return (f"optim.num_checkpoints={self.num_checkpoints} keeps checkpoints at steps "
+                f"{', '.join(map(str, kept))} (evenly spaced over optim.steps={self.steps}); "
+                f"optim.checkpoint_every={self.checkpoint_every} only sets how often the resume state "
+                "(checkpoint_last.pt) and metrics.csv are saved")
+
 
 @dataclass
 class TrainConfig:

@@ -217,7 +217,8 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     images = exp.images
     w, u, v = (t.to(exp.device, exp.dtype) for t in (weights.w, weights.u, weights.v))
     logger = make_logger(cfg.logger, run_dir, start)
-    bar = progress_bar(range(start, steps), initial=start, total=steps, desc="meta-train", enabled=cfg.progress)
+    bar = progress_bar(range(start, steps), initial=start, total=steps, desc=f"meta-train {run_dir.name}",
+                       enabled=cfg.progress)  # the name tells retrainings apart (e.g. if-0.2-b7) in a log
     t0 = time.perf_counter()
     for step in bar:
         idx = draw_batch(gen, n, o.meta_batch_size)
@@ -289,6 +290,6 @@ def finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: i
                "versions": {"metaif": metaif_cli.__version__, "torch": torch.__version__,
                             "python": platform.python_version()}}
     save_json(results, run_dir / C.RESULTS_JSON)
-    log.info("meta-test accuracy %.4f +- %.4f (loss %.4f) after %.1f s", test["test_acc"], test["test_acc_ci95"],
-             test["test_loss"], elapsed)
+    log.info("meta-test accuracy %.4f +- %.4f (loss %.4f) after %.1f s (%s)", test["test_acc"], test["test_acc_ci95"],
+             test["test_loss"], elapsed, run_dir.name)
     return results
