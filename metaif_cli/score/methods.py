@@ -35,11 +35,10 @@ def derivative_mode(run: LoadedRun, cfg: ScoreConfig) -> str:
 def build_problem(run: LoadedRun, cfg: ScoreConfig, direct: bool = False) -> Problem:
     """The problem over the training pool (with the run's weights) and the evaluation tasks."""
     exp = run.exp
-    train = exp.pools["train"].batch(exp.images).with_weights(**{k: t.to(exp.device, exp.dtype)
-                                                                    for k, t in run.weights.items()})
+    train = exp.tasks("train", weights=run.weights)  # gathered per chunk: the pool's images stay compact
     test_pool = exp.pools["test"]
     m = cfg.evaluation.num_tasks or len(test_pool)
-    test = test_pool.batch(exp.images, torch.arange(min(m, len(test_pool))))
+    test = exp.tasks("test", torch.arange(min(m, len(test_pool))))
     kwargs = dict(n=len(train), delta_reg=run.train_cfg.optim.delta_reg, eval_kind=cfg.evaluation.kind,
                   chunk=cfg.chunk, support=cfg.unit != "task")
     spec = FlatSpec.of(run.lam)

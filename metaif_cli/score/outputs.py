@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from metaif_cli import constants as C
+from metaif_cli.data.compact import to_float
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.io import save_csv
 from metaif_cli.reports.detection import detection_curve, detection_summary, random_detection_curve
@@ -108,7 +109,7 @@ def write_plots(out_dir: Path, method: str, tasks_df: pd.DataFrame | None, inst_
         harmful, helpful = ordered.head(grid_size), ordered.tail(grid_size).iloc[::-1]
 
         def pick(rows: pd.DataFrame):
-            imgs = images[torch.as_tensor(rows["instance_id"].to_numpy().copy())].float().cpu().numpy()
+            imgs = to_float(images[torch.as_tensor(rows["instance_id"].to_numpy().copy())], torch.float32).cpu().numpy()
             caps = [f"task {r.task_id} {r.role}\nlabel {r.label} ({r['class']})\n{r[col]:.2e}"
                     for _, r in rows.iterrows()]
             return imgs, caps

@@ -82,7 +82,7 @@ def recorded_run(run: LoadedRun) -> tuple[RecordedRun, bool]:
             states[int(saved["step"])] = _state(saved, names, exp.device, exp.dtype)
             saved_optimizer = saved["optimizer"]
     pool = exp.pools["train"]
-    train = pool.batch(exp.images).with_weights(**{k: t.to(exp.device, exp.dtype) for k, t in run.weights.items()})
+    train = exp.tasks("train", weights=run.weights)  # each replayed step gathers its meta-batch alone
     schedule = batch_schedule(run.train_cfg, len(pool), steps)
     return RecordedRun(exp.learner, train, schedule, optim_spec(run, saved_optimizer), states), complete
 
@@ -102,8 +102,8 @@ def score_trajectory(run: LoadedRun, cfg: ScoreConfig, problem: Problem) -> Scor
     spec = FlatSpec.of(run.lam)
 
     def eval_grad(lam: Params) -> tuple[float, Params]:
-        values, grads = problem.eval_grad(spec.flatten(lam))
-        return float(values.mean()), spec.unflatten(grads.mean(0))
+        value, g = problem.eval_mean_grad(spec.flatten(lam))  # accumulated: no [T, P]
+        return float(value), spec.unflatten(g)
 
     result = trajectory_scores(recorded, eval_grad, segment, cfg.progress)
     drift = max(float((result.lam_final[k] - run.lam[k]).abs().max()) for k in run.lam)

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from metaif_cli.data.base import ImageDataset
+from metaif_cli.data.compact import compact_images
 from metaif_cli.data.config import CorruptionConfig, DataConfig, DatasetConfig
+from metaif_cli.data.gather import PoolTasks
 from metaif_cli.data.pool import TaskPool, build_pools
 from metaif_cli.data.registry import load_dataset
 from metaif_cli.errors import MetaifError
@@ -47,7 +49,7 @@ class Experiment:
 
     cfg: TrainConfig
     dataset: ImageDataset
-    images: torch.Tensor  # [N, C, H, W] on device, in dtype
+    images: torch.Tensor  # [N, C, H, W] on device, compact (uint8 where lossless; data.compact)
     pools: dict[str, TaskPool]
     model: MetaModel
     learner: MetaLearner
@@ -57,6 +59,10 @@ class Experiment:
     def initial_params(self) -> dict[str, torch.Tensor]:
         """``lam`` at initialisation (drawn from the run's seed)."""
         return params_of(self.model, self.dtype, self.device)
+
+    def tasks(self, split: str, index: torch.Tensor | None = None, weights: dict | None = None) -> PoolTasks:
+        """Tasks of ``split`` (all, or ``index``), gathered per chunk in ``dtype`` (``weights`` over the pool)."""
+        return PoolTasks.of(self.pools[split], self.images, self.dtype, index, weights)
 
 
 def build_experiment(cfg: TrainConfig, device: str | None = None, dtype: str | None = None) -> Experiment:
@@ -78,7 +84,7 @@ def build_experiment(cfg: TrainConfig, device: str | None = None, dtype: str | N
     model = build_model(cfg.model, dataset.image_shape, cfg.dataset.ways, cfg.init_seed).to(device=dev, dtype=dt)
     log.info("dataset %s: %d images, %d classes; model %s with %d parameters", dataset.name,
              len(dataset.labels), dataset.num_classes, cfg.model.name, sum(p.numel() for p in model.parameters()))
-    images = dataset.images.to(device=dev, dtype=dt)
+    images = compact_images(dataset.images).to(device=dev)  # converted per chunk of tasks (data.gather)
     return Experiment(cfg, dataset, images, pools, model, MetaLearner(model, cfg.meta), dev, dt)
 
 
