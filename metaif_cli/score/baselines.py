@@ -20,7 +20,7 @@ from metaif_cli.io import load_torch
 from metaif_cli.meta.params import Params
 from metaif_cli.data.gather import PoolTasks
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import checkpoint_paths
+from metaif_cli.score.run import checkpoint_paths, task_chunk
 
 log = logging.getLogger(__name__)
 
@@ -77,4 +77,5 @@ def run_library_baseline(run, cfg: ScoreConfig, work_dir: Path | None = None) ->
     from metaif_cli.influence.trak import trak_influence
 
     return trak_influence(run.exp.model, trak_checkpoints(run, cfg.trak.num_checkpoints), train, test,
-                          cfg=cfg.trak, support=support, seed=cfg.seed, chunk=cfg.chunk, progress=cfg.progress)
+                          cfg=cfg.trak, support=support, seed=cfg.seed,
+                          chunk=task_chunk(run, cfg.chunk, cfg.chunk_budget_mb), progress=cfg.progress)

@@ -5,7 +5,7 @@ references, and the settings that determine the scores.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from metaif_cli.checks import choice, in_range, integer, positive
 from metaif_cli.errors import MetaifError
@@ -42,8 +42,9 @@ class ScoreConfig:
 
     ``ensemble.checkpoints``, ``runs``: average the scores over several points or runs of the
     same pool (:mod:`metaif_cli.score.ensemble`).
-    ``chunk``: tasks per vmapped call in every pass over tasks; memory grows with it, and
-    on CPU 32 was fastest for a cnn4 on Omniglot (64 was slower and used 4 GB).
+    ``chunk``: tasks per vmapped call in every pass over tasks; memory grows with it. ``auto``
+    (the default): as many as ``chunk_budget_mb`` holds for this model, at most 32
+    (:mod:`metaif_cli.influence.chunking`); a number is used as given.
     """
 
     run: str = "???"
@@ -62,7 +63,8 @@ class ScoreConfig:
     runs: list[str] = field(default_factory=list)
     inner_tol: float = 1e-8
     inner_max_iter: int = 200
-    chunk: int = 32
+    chunk: Any = "auto"  # "auto" or a whole number (Any: Hydra takes both)
+    chunk_budget_mb: float = 1024.0
     pred_delta_lam: list[str] = field(default_factory=list)
     shard: Optional[str] = None
     seed: int = 0
@@ -78,7 +80,13 @@ class ScoreConfig:
         choice("method", self.method, METHODS)
         choice("derivative", self.derivative, ("auto", "unrolled", "implicit"))
         choice("inner_solver", self.inner_solver, ("cg", "ekfac"))
-        integer("chunk", self.chunk, minimum=1)
+        if self.chunk != "auto":
+            if isinstance(self.chunk, str) and self.chunk.strip().isdigit():
+                self.chunk = int(self.chunk)
+            if isinstance(self.chunk, bool) or not isinstance(self.chunk, int):
+                raise MetaifError(f"chunk={self.chunk!r} is not valid; use chunk=auto or a whole number such as chunk=8")
+            integer("chunk", self.chunk, minimum=1)
+        positive("chunk_budget_mb", self.chunk_budget_mb)
         integer("seed", self.seed, minimum=0)
         integer("grid_size", self.grid_size, minimum=1)
         integer("inner_max_iter", self.inner_max_iter, minimum=1)
@@ -121,7 +129,7 @@ def parse_unit_ref(text: str) -> tuple[str, int, str | None, int | None]:
 
 def settings_of(cfg: ScoreConfig) -> dict:
     """The settings that determine the scores (saved beside them and checked on reuse)."""
-    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk"}
+    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk", "chunk_budget_mb"}
     # a library baseline's settings matter only to that method
     ignore |= {key for key, method in (("ekfac", "ekfac_if"), ("trak", "trak")) if cfg.method != method}
     if cfg.method != "trajectory":
