@@ -135,7 +135,7 @@ def set_batches(tasks, role: str, chunk: int):
         k, m = ys.shape
         x_ctx = xs[:, None].expand(k, m, *xs.shape[1:]).reshape(k * m, *xs.shape[1:])  # [k*M, M, C, H, W]
         y_ctx = ys[:, None].expand(k, m, m).reshape(k * m, m)
-        pos = torch.arange(m, device=y.device).repeat(k)
+        pos = torch.arange(m, device=ys.device).repeat(k)
         yield x_ctx, y_ctx, pos
 
 
