@@ -48,7 +48,7 @@ class Experiment:
     """A dataset, its pools and a meta-learner, on one device and dtype."""
 
     cfg: TrainConfig
-    dataset: ImageDataset
+    dataset: ImageDataset  # its images compact, as ``images`` (data.compact)
     images: torch.Tensor  # [N, C, H, W] on device, compact (uint8 where lossless; data.compact)
     pools: dict[str, TaskPool]
     model: MetaModel
@@ -84,7 +84,10 @@ def build_experiment(cfg: TrainConfig, device: str | None = None, dtype: str | N
     model = build_model(cfg.model, dataset.image_shape, cfg.dataset.ways, cfg.init_seed).to(device=dev, dtype=dt)
     log.info("dataset %s: %d images, %d classes; model %s with %d parameters", dataset.name,
              len(dataset.labels), dataset.num_classes, cfg.model.name, sum(p.numel() for p in model.parameters()))
-    images = compact_images(dataset.images).to(device=dev)  # converted per chunk of tasks (data.gather)
+    # compact (uint8 where lossless), converted per chunk of tasks (data.gather); the loader's float copy
+    # is dropped: the experiment's dataset holds the compact tensor (checked as floats when it was loaded)
+    dataset.images = compact_images(dataset.images)
+    images = dataset.images.to(device=dev)
     return Experiment(cfg, dataset, images, pools, model, MetaLearner(model, cfg.meta), dev, dt)
 
 
