@@ -164,3 +164,12 @@ def test_a_bad_chunk_is_refused_in_one_line(bad):
     with pytest.raises(MetaifError, match="chunk"):
         ScoreConfig(run="r", chunk=bad)
     assert ScoreConfig(run="r", chunk="8").chunk == 8 and ScoreConfig(run="r").chunk == "auto"
+
+
+@pytest.mark.parametrize("good", ["auto", None, 3])
+def test_trajectory_segment_takes_auto_null_or_a_number(good):
+    from metaif_cli.influence.trajectory import TrajectoryConfig
+
+    assert TrajectoryConfig(segment=good).segment == good
+    with pytest.raises(MetaifError, match="trajectory.segment"):
+        TrajectoryConfig(segment="many")
