@@ -42,8 +42,8 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = ["part", "dataset", "model", "width", "pool_tasks", "command", "chunk", "seconds", "peak_rss_mb",
-           "cuda_peak_mb", "rc", "settings"]
+COLUMNS = ["part", "dataset", "model", "width", "pool_tasks", "command", "chunk", "seconds", "peak_rss_mb", "rc",
+           "settings"]
 SCORE_FAST = ["hessian.num_tasks=16", "evaluation.num_tasks=16", "solver.max_iter=10", "solver.allow_unconverged=true",
               "ensemble.checkpoints=1", "plots=false", "progress=false"]
 
@@ -113,10 +113,9 @@ def bench_one(part: str, dataset: str, root: Path, tasks: int, model: str, width
         seconds, rss, rc = run(cmd, work, log)
         text = log.read_text(errors="replace")
         found = re.findall(r"chunk=auto: (\d+) tasks", text)
-        cuda = re.findall(r"cuda peak ([\d.]+) MB", text)
         rows.append({"part": part, "dataset": dataset, "model": model, "width": width, "pool_tasks": tasks,
                      "command": command, "chunk": int(found[-1]) if found else None, "seconds": round(seconds, 1),
-                     "peak_rss_mb": round(rss, 1), "cuda_peak_mb": float(cuda[-1]) if cuda else None, "rc": rc,
+                     "peak_rss_mb": round(rss, 1), "rc": rc,
                      "settings": "" if command == "train" else " ".join([shard, *SCORE_FAST[:5]])})
         print(rows[-1], flush=True)
         if rc != 0:

@@ -173,3 +173,25 @@ def test_trajectory_segment_takes_auto_null_or_a_number(good):
     assert TrajectoryConfig(segment=good).segment == good
     with pytest.raises(MetaifError, match="trajectory.segment"):
         TrajectoryConfig(segment="many")
+
+
+def test_implicit_mode_keeps_a_bounded_number_of_inner_solutions(monkeypatch):
+    from metaif_cli.influence import implicit
+
+    images, pool = _pool(6)
+    model = build_model(ModelConfig(name="mlp", hidden=4, layers=1), (1, 6, 6), 3, 0).to(DT)
+    learner = MetaLearner(model, MetaConfig(name="imaml", inner_steps=2, inner_lr=0.3, eta=2.0))
+    lam = params_of(model, DT, torch.device("cpu"))
+    spec = FlatSpec.of(lam)
+    theta = spec.flatten(lam)
+
+    def scores(cache: int):
+        monkeypatch.setattr(implicit, "PHI_CACHE", cache)
+        tasks = PoolTasks.of(pool, images, DT)
+        problem = implicit.ImplicitProblem(learner, spec, tasks, tasks, n=6, delta_reg=1e-3, inner_max_iter=300)
+        out = problem.unit_scores(theta, theta * 0.1)
+        return out, len(problem._phi)
+
+    (full, kept_full), (bounded, kept) = scores(1024), scores(2)
+    assert kept_full == 6 and kept == 2
+    assert torch.equal(full.task, bounded.task) and torch.equal(full.support, bounded.support)

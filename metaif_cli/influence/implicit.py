@@ -37,6 +37,8 @@ from metaif_cli.meta.implicit import inner_hvp
 from metaif_cli.models.networks import logits
 from metaif_cli.progress import bar as progress_bar
 
+PHI_CACHE = 1024  # inner solutions kept per theta: enough for the evaluation and Hessian tasks
+
 
 class ImplicitProblem(Problem):
     """iMAML's bilevel problem, task by task (CG with tolerances does not vmap)."""
@@ -79,6 +81,8 @@ class ImplicitProblem(Problem):
                 p = (p - lr * g).detach()
             # the implicit derivatives hold at the exact argmin: record how far from it we are
             self.max_residual = max(self.max_residual, float(prox_grad(p).norm() / (1 + p.norm())))
+            if len(self._phi) >= PHI_CACHE:  # memory: a [P] vector per task; the first ones (evaluation
+                return p  # and Hessian tasks, reused by every product) stay, the unit pass's are not kept
             self._phi[(split, k)] = p
         return self._phi[(split, k)]
 
