@@ -62,12 +62,12 @@ def write_mini(root: Path, images_per_class: int, seed: int = 0) -> Path:
     """Mini-ImageNet cache pickles (64/16/20 classes) with synthetic uint8 pixels."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for split, classes in (("train", 64), ("validation", 16), ("test", 20)):
+    for s, (split, classes) in enumerate((("train", 64), ("validation", 16), ("test", 20))):
         path = root / f"mini-imagenet-cache-{split}.pkl"
         if path.exists():
             continue
         data = rng.integers(0, 256, (classes * images_per_class, 84, 84, 3), dtype=np.uint8)
-        class_dict = {f"n{split[0]}{c:07d}": list(range(c * images_per_class, (c + 1) * images_per_class))
+        class_dict = {f"n{s}{c:07d}": list(range(c * images_per_class, (c + 1) * images_per_class))
                       for c in range(classes)}
         with open(path, "wb") as f:
             pickle.dump({"image_data": data, "class_dict": class_dict}, f, protocol=4)
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--omniglot", type=Path, default=Path("/work/shared/data"), help="data.root holding Omniglot")
     ap.add_argument("--mini", action="store_true", help="also the 84x84x3 synthetic Mini-ImageNet pools")
     ap.add_argument("--mini-images", type=int, default=100, help="synthetic images per class (full data: 600)")
-    ap.add_argument("--pools", type=int, nargs="+", default=[1000, 4000, 20000])
+    ap.add_argument("--pools", type=int, nargs="*", default=[1000, 4000, 20000])
     ap.add_argument("--mini-pools", type=int, nargs="+", default=[1000, 20000])
     ap.add_argument("--mlp-widths", type=int, nargs="+", default=[32, 256, 2048])
     ap.add_argument("--cnn-widths", type=int, nargs="+", default=[16, 64])
