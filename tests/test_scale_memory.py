@@ -195,3 +195,13 @@ def test_implicit_mode_keeps_a_bounded_number_of_inner_solutions(monkeypatch):
     (full, kept_full), (bounded, kept) = scores(1024), scores(2)
     assert kept_full == 6 and kept == 2
     assert torch.equal(full.task, bounded.task) and torch.equal(full.support, bounded.support)
+
+
+def test_evaluation_in_chunks_equals_evaluation_at_once():
+    images, pool = _pool(9)
+    model = build_model(ModelConfig(name="mlp", hidden=5, layers=1), (1, 6, 6), 3, 0).to(DT)
+    learner = MetaLearner(model, MetaConfig(inner_steps=2, inner_lr=0.4))
+    lam = params_of(model, DT, torch.device("cpu"))
+    tasks = PoolTasks.of(pool, images, DT)
+    chunked, whole = learner.evaluate(lam, tasks, chunk=2), learner.evaluate(lam, pool.batch(images, dtype=DT), chunk=32)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])

@@ -81,7 +81,7 @@ def _make_optimizer(params: list[torch.Tensor], exp: Experiment) -> torch.optim.
 def evaluate_split(exp: Experiment, lam: Params, split: str) -> dict[str, float]:
     """Mean query loss and accuracy (with 95% intervals) over a split's tasks after adaptation."""
     batch = exp.tasks(split)  # gathered chunk by chunk inside evaluate
-    losses, accs = exp.learner.evaluate(lam, batch)
+    losses, accs = exp.learner.evaluate(lam, batch, chunk=exp.eval_chunk)
     acc, acc_ci = mean_ci95(accs.double().cpu().numpy())
     loss, loss_ci = mean_ci95(losses.double().cpu().numpy())
     return {f"{split}_acc": acc, f"{split}_acc_ci95": acc_ci, f"{split}_loss": loss, f"{split}_loss_ci95": loss_ci}
