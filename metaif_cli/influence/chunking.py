@@ -10,7 +10,8 @@ where ``P`` is the number of parameters, ``S + Q`` the images of a task and ``A`
 activations (floats) of one image through the network, counted by one forward pass. The
 constants were measured (peak RSS, float64, unit pass of ``unit=all``): an MLP of width 512
 on 28x28 images (``K = 5``) held about 4.6 parameter copies per step and task, a cnn4 of 32
-filters (``K = 1``) about 3.5 activation copies (``scripts/bench_scale.py``,
+filters (``K = 1``) about 3.5 activation copies (the growth of peak RSS from a chunk of 1 to a
+chunk of 8 tasks, measured once by hand; the resulting choices and peaks per model width are in
 ``scripts/results/bench_scale.csv``). The chunk is the budget over that, between 1 and
 ``MAX_CHUNK`` (32: fastest measured on CPU for small models). Deterministic: the same model,
 task shape, inner steps, dtype and budget give the same chunk.
