@@ -109,7 +109,7 @@ def choose_damping(problem: Problem, theta: Tensor, cfg: InfluenceSettings, star
     if not cfg.hessian.auto_damping:
         return Curvature(cfg.hessian.base_damping(), gamma=gamma)
     if start is None:
-        start = problem.eval_grad(theta)[1].mean(0)
+        start = problem.eval_mean_grad(theta)[1]
     damping, lo, hi = krylov.estimate_damping(hvp, start, cfg.hessian.base_damping(), cfg.hessian.damping_factor,
                                               cfg.hessian.damping_iters(), damping_rule(cfg))
     log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", lo, hi, damping)
@@ -190,8 +190,11 @@ def influence(problem: Problem, theta: Tensor, cfg: InfluenceSettings, use_solve
     """
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    values, grads = problem.eval_grad(theta)  # [T], [T, P]
-    b = grads.mean(0)
+    if cfg.evaluation.kind == "per_task":  # one s per evaluation task: the [T, P] gradients are needed
+        values, grads = problem.eval_grad(theta)  # [T], [T, P]
+        value, b = values.mean(), grads.mean(0)
+    else:  # accumulated over chunks of evaluation tasks: never [T, P]
+        value, b = problem.eval_mean_grad(theta)
     _check_finite("the evaluation gradient D f", b)
     times["eval_grad"] = time.perf_counter() - t0
     result, curvature, train_by_test = None, None, None
@@ -219,7 +222,7 @@ def influence(problem: Problem, theta: Tensor, cfg: InfluenceSettings, use_solve
         train_by_test = torch.stack(cols, 1)  # [n, T]
         times["per_task"] = time.perf_counter() - t0
     _check_finite("the scores", scores.task)
-    return ScoreOutput(scores, s=s, solve=result, curvature=curvature, eval_value=float(values.mean()),
+    return ScoreOutput(scores, s=s, solve=result, curvature=curvature, eval_value=float(value),
                        train_by_test=train_by_test, seconds=times, reused_s=use_solver and solved is not None)
 
 
@@ -230,7 +233,7 @@ def tracin(make_problem: Callable[[], Problem], checkpoints: list[tuple[Tensor, 
     total: UnitScores | None = None
     for theta, lr in checkpoints:
         problem = make_problem()
-        s = problem.eval_grad(theta)[1].mean(0) * lr
+        s = problem.eval_mean_grad(theta)[1] * lr
         sc = problem.unit_scores(theta, s, index)
         total = sc if total is None else UnitScores(total.task + sc.task, total.query + sc.query,
                                                     total.support + sc.support)

@@ -5,9 +5,9 @@ references, and the settings that determine the scores.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-from metaif_cli.checks import choice, in_range, integer
+from metaif_cli.checks import choice, in_range, integer, positive
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import resolved_path
 from metaif_cli.influence.baseline_config import EkfacConfig, TrakConfig
@@ -58,8 +58,9 @@ class ScoreConfig:
 
     ``ensemble.checkpoints``, ``runs``: average the scores over several points or runs of the
     same pool (:mod:`metaif_cli.score.ensemble`).
-    ``chunk``: tasks per vmapped call in every pass over tasks; memory grows with it, and
-    on CPU 32 was fastest for a cnn4 on Omniglot (64 was slower and used 4 GB).
+    ``chunk``: tasks per vmapped call in every pass over tasks; memory grows with it. ``auto``
+    (the default): as many as ``chunk_budget_mb`` holds for this model, at most 32
+    (:mod:`metaif_cli.influence.chunking`); a number is used as given.
     ``factory``: a ``model=custom`` run's factory (``module:function`` or ``file.py:function``), named
     by the user: a run directory only names its factory for checking, it never chooses code to import.
     """
@@ -81,7 +82,8 @@ class ScoreConfig:
     runs: list[str] = field(default_factory=list)
     inner_tol: float = 1e-8
     inner_max_iter: int = 200
-    chunk: int = 32
+    chunk: Any = "auto"  # "auto" or a whole number (Any: Hydra takes both)
+    chunk_budget_mb: float = 1024.0
     pred_delta_lam: list[str] = field(default_factory=list)
     shard: Optional[str] = None
     seed: int = 0
@@ -98,7 +100,13 @@ class ScoreConfig:
         choice("method", self.method, METHODS)
         choice("derivative", self.derivative, ("auto", "unrolled", "implicit"))
         choice("inner_solver", self.inner_solver, ("cg", "ekfac"))
-        integer("chunk", self.chunk, minimum=1)
+        if self.chunk != "auto":
+            if isinstance(self.chunk, str) and self.chunk.strip().isdigit():
+                self.chunk = int(self.chunk)
+            if isinstance(self.chunk, bool) or not isinstance(self.chunk, int):
+                raise MetaifError(f"chunk={self.chunk!r} is not valid; use chunk=auto or a whole number such as chunk=8")
+            integer("chunk", self.chunk, minimum=1)
+        positive("chunk_budget_mb", self.chunk_budget_mb)
         integer("seed", self.seed, minimum=0)
         integer("grid_size", self.grid_size, minimum=1)
         integer("inner_max_iter", self.inner_max_iter, minimum=1)
@@ -142,7 +150,8 @@ def parse_unit_ref(text: str) -> tuple[str, int, str | None, int | None]:
 def settings_of(cfg: ScoreConfig) -> dict:
     """The settings that determine the scores (saved beside them and checked on reuse)."""
     # where the data is read from does not change the scores (the run's data fingerprint is checked)
-    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk", "factory", "data"}
+    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk", "chunk_budget_mb",
+              "factory", "data"}
     # a library baseline's settings matter only to that method
     ignore |= {key for key, method in (("ekfac", "ekfac_if"), ("trak", "trak")) if cfg.method != method}
     if cfg.method != "trajectory":

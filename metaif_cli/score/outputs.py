@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from metaif_cli import constants as C
+from metaif_cli.data.compact import to_float
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.fingerprint import file_digest
@@ -192,7 +193,7 @@ def write_plots(out_dir: Path, method: str, tasks_df: pd.DataFrame | None, inst_
         harmful, helpful = ordered.head(grid_size), ordered.tail(grid_size).iloc[::-1]
 
         def pick(rows: pd.DataFrame):
-            imgs = images[torch.as_tensor(rows["instance_id"].to_numpy().copy())].float().cpu().numpy()
+            imgs = to_float(images[torch.as_tensor(rows["instance_id"].to_numpy().copy())], torch.float32).cpu().numpy()
             caps = [f"#{i + 1} {r.role} {r.task_id}:{r.position}{' [corrupted]' if r.corrupted else ''}\n"
                     f"label {r.label}, class {r['class']}\n{r[col]:+.2e}" for i, (_, r) in enumerate(rows.iterrows())]
             return imgs, caps

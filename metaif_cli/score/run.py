@@ -16,6 +16,7 @@ import torch
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.fingerprint import files_digest
+from metaif_cli.influence.chunking import resolve_chunk
 from metaif_cli.io import load_torch, read_csv, resolved_path
 from metaif_cli.meta.params import FlatSpec, non_finite
 from metaif_cli.models.custom import trusted_factory
@@ -128,3 +129,10 @@ def tracin_checkpoints(run: LoadedRun) -> list[tuple[torch.Tensor, float]]:
         out.append((spec.flatten({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()}),
                     float(saved["lr"])))
     return out
+
+
+def task_chunk(run: LoadedRun, chunk: int | str, budget_mb: float) -> int:
+    """Tasks per vmapped call for this run: ``chunk`` itself, or ``auto`` from the model and ``budget_mb``."""
+    d = run.train_cfg.dataset
+    return resolve_chunk(chunk, run.exp.model, run.exp.dataset.image_shape, d.ways * (d.shots + d.queries),
+                         run.train_cfg.meta.inner_steps, run.exp.dtype, budget_mb)

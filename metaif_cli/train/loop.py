@@ -83,8 +83,8 @@ def make_optimizer(params: list[torch.Tensor], exp: Experiment) -> torch.optim.O
 
 def evaluate_split(exp: Experiment, lam: Params, split: str) -> dict[str, float]:
     """Mean query loss and accuracy (with 95% intervals) over a split's tasks after adaptation."""
-    batch = exp.pools[split].batch(exp.images)
-    losses, accs = exp.learner.evaluate(lam, batch)
+    batch = exp.tasks(split)  # gathered chunk by chunk inside evaluate
+    losses, accs = exp.learner.evaluate(lam, batch, chunk=exp.eval_chunk)
     acc, acc_ci = mean_ci95(accs.double().cpu().numpy())
     loss, loss_ci = mean_ci95(losses.double().cpu().numpy())
     if not (math.isfinite(loss) and math.isfinite(acc)):
@@ -214,17 +214,14 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
         start, metrics, elapsed = saved["step"], saved["metrics"], saved["elapsed"]
         log.info("resuming %s from step %d", run_dir, start)
     keep = set(checkpoint_steps(steps, o.num_checkpoints))
-    images = exp.images
-    w, u, v = (t.to(exp.device, exp.dtype) for t in (weights.w, weights.u, weights.v))
+    tasks = exp.tasks("train", weights={"w": weights.w, "u": weights.u, "v": weights.v})
     logger = make_logger(cfg.logger, run_dir, start)
     bar = progress_bar(range(start, steps), initial=start, total=steps, desc=f"meta-train {run_dir.name}",
                        enabled=cfg.progress)  # the name tells retrainings apart (e.g. if-0.2-b7) in a log
     t0 = time.perf_counter()
     for step in bar:
         idx = draw_batch(gen, n, o.meta_batch_size)
-        batch = pool.batch(images, idx)
-        dev_idx = idx.to(images.device)
-        batch = batch.with_weights(w=w[dev_idx], u=u[dev_idx], v=v[dev_idx])
+        batch = tasks[idx]  # images of this meta-batch only, with its weights
         grads, losses = exp.learner.meta_gradient(lam, batch)
         loss = float((batch.w * losses).sum() / len(batch))
         if not math.isfinite(loss):
