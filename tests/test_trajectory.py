@@ -20,6 +20,7 @@ from metaif_cli.influence.trajectory_step import OptimSpec, adam_update, sgd_upd
 from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.params import FlatSpec
 from metaif_cli.models.config import ModelConfig
+from metaif_cli.influence.trajectory import TrajectoryConfig
 from metaif_cli.score.config import ScoreConfig
 from metaif_cli.score.methods import build_problem, run_method
 from metaif_cli.score.run import load_run
@@ -236,7 +237,8 @@ def test_older_runs_replay_from_start_and_refusals(tmp_path):
         del saved["optimizer"]
         torch.save(saved, path)
     run = load_run(run_dir)
-    old = run_method(run, _score_cfg(run_dir))
+    # segment=None: the whole-gap rule, so an old run is cut into ceil(sqrt(steps))-step segments
+    old = run_method(run, _score_cfg(run_dir, trajectory=TrajectoryConfig(segment=None)))
     assert old.info["segments"] == 2  # of ceil(sqrt(6)) = 3 steps
     torch.testing.assert_close(old.scores.support, ref.scores.support, rtol=0, atol=1e-15)
     from metaif_cli.influence.config import EvaluationConfig

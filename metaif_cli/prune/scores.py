@@ -122,7 +122,6 @@ def read_scores_dir(scores_dir: Path, run: LoadedRun, kind: str) -> Ranking:
     pool = run.exp.pools["train"]
     col = score_column(method)
     tasks_df = inst_df = None
-    check_recorded(tasks_path if kind == "task" else inst_path, summary, fix)
     if kind == "task" and tasks_path.exists():
         tasks_df = read_csv(tasks_path, fix, columns=("task_id", col, "rank", "corrupted"), rows=len(pool))
     if kind != "task" and inst_path.exists():
@@ -131,6 +130,7 @@ def read_scores_dir(scores_dir: Path, run: LoadedRun, kind: str) -> Ranking:
     for path, frame in ((tasks_path, tasks_df), (inst_path, inst_df)):
         if frame is not None and not np.isfinite(pd.to_numeric(frame[col], errors="coerce")).all():
             raise unreadable(path, fix, ValueError(f"column {col} holds non-finite scores"))
+    check_recorded(tasks_path if kind == "task" else inst_path, summary, fix)
     table = table_of(tasks_df, inst_df, method, kind)
     return Ranking(method, table, score_column(method), float(summary["total_seconds"]), str(scores_dir),
                    settings=summary.get("settings"))

@@ -164,7 +164,7 @@ def _train_stack(exp: Experiment, group: list[_Live], start: int, stop_after: in
             idx = draw_batch(gens[j], n, o.meta_batch_size)
             dev_idx = idx.to(exp.images.device)
             w, u, v = weights[j]
-            batches.append(pool.batch(exp.images, idx).with_weights(w=w[dev_idx], u=u[dev_idx], v=v[dev_idx]))
+            batches.append(pool.batch(exp.images, idx, exp.dtype).with_weights(w=w[dev_idx], u=u[dev_idx], v=v[dev_idx]))
         try:
             grads, losses = _meta_gradients(exp, lam, batches, use_vmap)
         except RuntimeError as exc:

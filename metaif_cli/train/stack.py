@@ -92,7 +92,7 @@ def _metrics(split: str, losses: torch.Tensor, accs: torch.Tensor) -> dict[str, 
 
 def evaluate_stack(exp: Experiment, stack: Params, split: str, use_vmap: bool = True) -> list[dict[str, float]]:
     """``evaluate_split(exp, member, split)`` for every member of ``stack``."""
-    batch = exp.pools[split].batch(exp.images)
+    batch = exp.pools[split].batch(exp.images, dtype=exp.dtype)
     size = next(iter(stack.values())).shape[0]
     if use_vmap:
         try:
