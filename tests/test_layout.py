@@ -1,4 +1,4 @@
-"""The package layout (README "Design"): imports flow down the layers, no cycles, no borrowed
+"""The package layout (docs/design.md): imports flow down the layers, no cycles, no borrowed
 private names, Hydra only in the command layer, a docstring naming the job and the SPEC sections
 atop every module, no file over 300 lines.
 
@@ -92,7 +92,7 @@ def layer_of(module: str, layers: dict[str, int], package: str = PACKAGE) -> int
     top = parts[1] if len(parts) > 1 else "__init__"
     if top not in layers:
         raise KeyError(f"{module}: {top!r} has no layer; add it to LAYERS in tests/test_layout.py and to the "
-                       "README's Design section")
+                       "docs/design.md")
     return layers[top]
 
 

@@ -23,7 +23,7 @@ EVALUATIONS = ("mean_loss", "per_task", "margin")
 class HessianConfig:
     """The total Hessian ``H`` (SPEC section 2): form, damping ``delta``, Gamma scale ``c``.
 
-    ``form``: ``gauss_newton`` (the default, chosen by the LDS benchmark: README "Fidelity"),
+    ``form``: ``gauss_newton`` (the default, chosen by the LDS benchmark: docs/results.md "Fidelity"),
     ``exact`` (the paper's total Hessian, third-order terms included), ``no_third_order`` or
     ``gamma`` (the paper's positive-definite variant).
 
@@ -81,7 +81,7 @@ class HessianConfig:
         """``damping``, or when unset the form's default: ``gauss_newton`` with ``auto_damping`` 0.1
         (a fraction of ``lambda_max``: as accurate by the LDS benchmark as 0.01 on three datasets,
         with a condition number of at most 11 instead of 101, so CG needs far fewer products;
-        README "Fidelity"), every other case 0.01 (an absolute damping)."""
+        docs/results.md "Fidelity"), every other case 0.01 (an absolute damping)."""
         if self.damping is not None:
             return self.damping
         return 0.1 if self.relative_damping else 0.01
@@ -92,7 +92,7 @@ class HessianConfig:
         more). ``gauss_newton`` with ``auto_damping``: 8, as the damping needs ``lambda_max`` only;
         on the ``omniglot_cpu`` run and on digits, 8 steps give the same damping as 20 to 6-8
         significant digits and task scores with Spearman 1.0000 against 20 steps, for 0.4 of the
-        solve's time (``scripts/bench_score.py``, README "Scoring speed"). Every other case: 20 (the most
+        solve's time (``scripts/bench_score.py``, docs/results.md "Speed"). Every other case: 20 (the most
         negative eigenvalue of an indefinite ``H`` is found later)."""
         if self.lanczos_iters is not None:
             return self.lanczos_iters

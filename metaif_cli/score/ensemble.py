@@ -32,7 +32,7 @@ from metaif_cli.score.run import LoadedRun, checkpoint_paths, checkpoint_step, l
 log = logging.getLogger(__name__)
 
 
-DEFAULT_IF_CHECKPOINTS = 5  # chosen by the LDS benchmark (scripts/bench_fidelity.py, README "Fidelity")
+DEFAULT_IF_CHECKPOINTS = 5  # chosen by the LDS benchmark (scripts/bench_fidelity.py, docs/results.md "Fidelity")
 
 
 def ensemble_checkpoints(cfg: ScoreConfig) -> tuple[int, bool]:
