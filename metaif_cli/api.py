@@ -14,7 +14,7 @@ the same numbers. Typical use::
     pools = api.build_task_pools(cfg.dataset, seed=cfg.seed)        # tasks with stable ids
     ...train your own network on pools.batch("train") ...
     api.write_run("runs/mine", my_net.state_dict(), cfg)           # now `metaif score run=runs/mine` works
-    scores = api.score("runs/mine", unit="all", hessian={"num_tasks": 64})
+    scores = api.score("runs/mine", unit="all", hessian={"num_tasks": 64}, factory="my_nets:make_net")
     scores.task_scores.nsmallest(10, "pred_delta_test_loss")       # the most harmful tasks
 
 Errors are :class:`~metaif_cli.errors.MetaifError` with the fix in the message, as on the CLI.
@@ -47,6 +47,7 @@ from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.tasks import TaskBatch
 from metaif_cli.models.config import ModelConfig
 from metaif_cli.score.config import ScoreConfig
+from metaif_cli.score.outputs import check_recorded
 from metaif_cli.score.pipeline import score as score_pipeline
 from metaif_cli.train.config import OptimConfig, TrainConfig
 from metaif_cli.train.experiment import build_experiment
@@ -256,12 +257,14 @@ def load_scores(score_dir: str | Path) -> Scores:
         raise MetaifError(f"{score_dir} holds no finished scores ({C.SCORE_JSON} missing); run metaif score first")
 
     fix = f"rerun the metaif score command that wrote {score_dir}"
+    summary = load_json(score_dir / C.SCORE_JSON, fix)
 
     def table(name: str) -> pd.DataFrame | None:
         path = score_dir / name
+        if isinstance(summary, dict):
+            check_recorded(path, summary, fix)  # not a table of an earlier or another scoring
         return read_csv(path, fix, columns=("task_id", "rank", "corrupted")) if path.exists() else None
 
     ihvp_path = score_dir / C.IHVP_PT
     ihvp = load_torch(ihvp_path, fix, keys=("s",))["s"] if ihvp_path.exists() else None
-    return Scores(table(C.TASK_SCORES_CSV), table(C.INSTANCE_SCORES_CSV), ihvp,
-                  load_json(score_dir / C.SCORE_JSON, fix), score_dir)
+    return Scores(table(C.TASK_SCORES_CSV), table(C.INSTANCE_SCORES_CSV), ihvp, summary, score_dir)

@@ -10,6 +10,8 @@ current settings, for the commands that refuse to mix them.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from typing import Any, Sequence
 
 from metaif_cli.errors import MetaifError
@@ -94,3 +96,41 @@ def differing_keys(have: dict, want: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}")
     return out
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (``MemAvailable``; total memory where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: never refuse on memory
+
+
+def free_disk(path: str | os.PathLike) -> int:
+    """Bytes free on the file system holding ``path`` (or its nearest existing parent)."""
+    path = os.path.abspath(os.fspath(path))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62  # unknown: never refuse on disk
+
+
+def gib(nbytes: float) -> str:
+    """``nbytes`` in GiB for a message (``1.5e+03 GiB`` for absurd sizes)."""
+    value = nbytes / 2**30
+    return f"{value:.3g} GiB"
+
+
+def fits(what: str, need: float, have: int, where: str, fix: str) -> None:
+    """Refuse work whose estimated ``need`` (bytes) exceeds ``have`` (``where``: memory or disk)."""
+    if need > have:
+        raise MetaifError(f"{what} would need about {gib(need)} of {where}, and {gib(have)} is available; {fix}")

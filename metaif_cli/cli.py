@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from metaif_cli.errors import MetaifError
+from metaif_cli.errors import INTERRUPTED_EXIT, MetaifError, system_error
 from metaif_cli.hydra_app import one_line, register_resolvers, register_schemas, user_error
 
 __all__ = ["COMMANDS", "main", "register_configs", "register_resolvers"]
@@ -45,6 +45,18 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def expand_home(arg: str) -> str:
+    """``run=~/base`` -> ``run=/home/me/base``: Hydra's override grammar refuses a value starting with
+    ``~`` (and a quoted one reaches the command unexpanded). ``~key`` (delete a key) is left alone,
+    as is a value that names no home (``~`` alone stays ``~`` only when there is no home)."""
+    if "=" not in arg or arg.startswith(("-", "~")):
+        return arg
+    key, value = arg.split("=", 1)
+    if not value.startswith("~"):
+        return arg
+    return f"{key}={','.join(os.path.expanduser(v) if v.startswith('~') else v for v in value.split(','))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``metaif`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -59,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     module = importlib.import_module(COMMANDS[command][0])
     logging.captureWarnings(True)
-    sys.argv = [f"metaif {command}", *rest]
+    sys.argv = [f"metaif {command}", *(expand_home(a) for a in rest)]
     # Let Hydra raise its composition errors instead of printing them over several lines.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     from hydra.errors import HydraException
@@ -71,10 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metaif {command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except (HydraException, OmegaConfBaseException) as exc:
-        print(f"metaif {command}: error: {one_line(user_error(exc) or exc)}", file=sys.stderr)
+        schema = next(iter(getattr(module, "SCHEMAS", {}).values()), None)
+        config_name = command.replace("-", "_")
+        print(f"metaif {command}: error: {one_line(user_error(exc) or exc, schema, config_name)}", file=sys.stderr)
         return 2
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:
+        print(f"metaif {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except Exception as exc:  # a fault of the system outside the command (Hydra creating the run directory)
+        err = system_error(exc)
+        if err is None:
+            raise
+        print(f"metaif {command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -13,6 +13,7 @@ RESULTS_JSON = "results.json"
 TRAIN_CONFIG_JSON = "train_config.json"
 WEIGHTS_PT = "weights.pt"
 TRAINING_CURVES_PNG = "training_curves.png"
+DATA_FINGERPRINT_JSON = "data_fingerprint.json"  # the content fingerprint of the images the run used
 
 # metaif score
 TASK_SCORES_CSV = "task_scores.csv"
@@ -33,6 +34,7 @@ LOO_RESULTS_CSV = "loo_results.csv"
 LOO_SUMMARY_JSON = "loo_summary.json"
 MAIN_TABLE_CSV = "main_table.csv"
 MAIN_TABLE_MD = "main_table.md"
+SUMMARY_MD = "summary.md"  # every command's conclusion in words (score, prune-and-retrain)
 ACCURACY_PNG = "accuracy_vs_fraction.png"
 PRED_VS_ACTUAL_PNG = "pred_vs_actual_{retrain}.png"
 RETRAIN_DIR = "retrains"

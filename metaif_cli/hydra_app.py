@@ -3,7 +3,11 @@ out of Hydra, the run directory, quiet third-party loggers (no SPEC section: plu
 
 Each command is its own Hydra app with its own root config in ``conf/`` (STYLE,
 lightning-hydra-template: Hydra stays in the command layer). A :class:`MetaifError` or a
-Hydra composition error is printed as one line without a traceback (exit status 2).
+Hydra composition error is printed as one line without a traceback (exit status 2); an
+unknown setting or group name is answered with the closest known one ("did you mean"),
+and one added with ``+`` is refused like any other. In a sweep (``-m``), a job refused by
+its checks is reported in one line and the sweep goes on with the others: every valid job
+runs, and the sweep ends with exit status 2 naming how many were refused.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from metaif_cli.errors import MetaifError
+from metaif_cli.errors import INTERRUPTED_EXIT, MetaifError, system_error
+from metaif_cli.hydra_rundir import HYDRA_SUBDIR, remove_if_only_hydra
+from metaif_cli.settings_names import closest, known_setting
 
 def conf_dir() -> str:
     """The Hydra config folder: ``metaif_cli/conf`` in an installed wheel, else the checkout's ``conf/``.
@@ -44,7 +51,7 @@ def short_hash(text: str) -> str:
     return hashlib.sha1(str(text).encode()).hexdigest()[:8]
 
 
-DISPLAY_KEYS = ("progress", "overwrite", "plots", "launcher", "n_jobs", "score.progress", "logger", "logger.log_dir")
+DISPLAY_KEYS = ("progress", "overwrite", "plots", "launcher", "n_jobs", "retrain.batch", "score.progress", "logger", "logger.log_dir")
 
 
 def sweep_hash(argv: list[str]) -> str:
@@ -88,12 +95,35 @@ def user_error(exc: BaseException) -> MetaifError | None:
     return None
 
 
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line, without Hydra's search path, with a hint for common slips."""
+def config_groups(config_name: str) -> list[str]:
+    """The config groups of a command (the folders of ``conf/<command>/``)."""
+    folder = Path(command_conf_dir(config_name))
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def did_you_mean(key: str, schema: type | None, config_name: str | None) -> str:
+    """`` (did you mean dataset=?)`` for a mistyped setting or group name of a command, else ``""``."""
+    return closest(key, schema, config_groups(config_name) if config_name else [])
+
+
+_OVERRIDE_RE = re.compile(r"Could not (?:override|append to config)[^']*'([^']+)'")
+
+
+def one_line(exc: BaseException, schema: type | None = None, config_name: str | None = None) -> str:
+    """The message of ``exc`` on one line, without Hydra's search path, with a hint for common slips.
+
+    ``schema``/``config_name``: the command's root dataclass and config, to name the closest
+    setting or group to a mistyped one.
+    """
     text = " ".join(str(exc).split()).split(" Config search path")[0]
     cause = exc.__cause__
     if cause is not None and not isinstance(exc, MetaifError):
         text += ": " + " ".join(str(cause).split()).split(" full_key:")[0]
+    match = _OVERRIDE_RE.search(text)
+    if match and re.search(r"Key '[^']+' not in", text) and (schema is not None or config_name is not None):
+        key = match.group(1)  # Hydra would suggest "append with +key": an unknown name is a typo far more often
+        return (f"unknown setting or config group {key!r}{did_you_mean(key, schema, config_name)}; "
+                f"'--help' lists the groups and '--cfg job' the settings")
     for key, hint in HINTS.items():
         if f"'{key}'" in text:
             text += f" (did you mean {hint}? model= picks the network: mlp, cnn4 or custom)"
@@ -114,22 +144,68 @@ def run_hydra_app(task_fn: Callable, config_name: str, command: str, schemas: di
 
     from metaif_cli.progress import redirect_logging
 
+    schema = next(iter(schemas.values()))
+    refused: list[str] = []
+
     @functools.wraps(task_fn)
     def guarded(cfg):
         global _TASK_CFG
         _TASK_CFG = cfg
         try:
+            check_added_keys(schema, config_name)
             with redirect_logging():  # log lines above the bars, never on a bar's line
                 return task_fn(cfg)
+        except KeyboardInterrupt:  # what was written is complete (atomic writes): a rerun resumes
+            print(f"metaif {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+            sys.exit(INTERRUPTED_EXIT)
         except Exception as exc:
-            err = user_error(exc)
+            err = user_error(exc) or system_error(exc)
             if err is None:
                 raise
-            print(f"metaif {command}: error: {one_line(err)}", file=sys.stderr)
+            sweep = _sweep_job()
+            where = f" (job {sweep})" if sweep is not None else ""
+            print(f"metaif {command}: error{where}: {one_line(err)}", file=sys.stderr)
             remove_if_only_hydra()
-            sys.exit(2)
+            if sweep is None:
+                sys.exit(2)
+            refused.append(sweep)  # a sweep runs its other jobs; the exit status says some were refused
 
     hydra.main(version_base="1.3", config_path=command_conf_dir(config_name), config_name=config_name)(guarded)()
+    if refused:
+        print(f"metaif {command}: error: {len(refused)} job(s) of the sweep refused: {'; '.join(refused)}; "
+              "fix them and rerun the sweep (finished jobs are reused)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _sweep_job() -> str | None:
+    """This job's overrides when it is one job of a sweep (``-m``), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return f"#{hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}"
+
+
+def check_added_keys(schema: type, config_name: str) -> None:
+    """Refuse a setting added with ``+``/``++`` that the command does not have (``+optim.stepz=5``):
+    Hydra adds it, and the command would run without it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    groups = set(config_groups(config_name))
+    for text in HydraConfig.get().overrides.task:
+        if not text.startswith("+") or "=" not in text:
+            continue
+        key = text.lstrip("+").split("=", 1)[0].split("@", 1)[0]
+        if key.startswith("hydra") or key.split("/", 1)[0] in groups or known_setting(schema, key):
+            continue
+        raise MetaifError(f"unknown setting {key!r} (added with +){did_you_mean(key, schema, config_name)}; "
+                          "'--cfg job' lists the settings")
 
 
 SHARED_CONF = {"import": "train"}  # metaif import takes a run's settings: train's groups
@@ -141,7 +217,6 @@ def command_conf_dir(config_name: str) -> str:
 
 
 _TASK_CFG: DictConfig | None = None  # the config of the Hydra job running now
-HYDRA_SUBDIR = ".hydra"
 
 
 def save_hydra_config() -> None:
@@ -166,24 +241,6 @@ def save_hydra_config() -> None:
     write_text(OmegaConf.to_yaml(_TASK_CFG), folder / "config.yaml")
     write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})), folder / "hydra.yaml")
     write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task), folder / "overrides.yaml")
-
-
-def remove_if_only_hydra() -> None:
-    """After a refused command, delete its run directory when it holds nothing but Hydra's own files
-    (``.hydra/``, the job log), so a bad input leaves nothing behind."""
-    import shutil
-
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # no Hydra context: nothing was created
-        return
-    if not run_dir.is_dir() or Path.cwd().resolve().is_relative_to(run_dir.resolve()):
-        return
-    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
-        logging.shutdown()  # the job log is open
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def to_typed(cfg: DictConfig) -> object:

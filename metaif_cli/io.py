@@ -1,13 +1,15 @@
 """Atomic writes and checked reads of run-directory artefacts.
 
-Every artefact is written to ``.NAME.<pid>.<random>.tmp`` beside its final name, flushed
+Every artefact is written to ``.NAME.metaif-<pid>-<8 hex>.tmp`` beside its final name, flushed
 and renamed onto it: a crash, a kill or Ctrl-C never leaves a half-written file under
 its final name (STYLE, "the run directory is the interface between commands"). Files
 get the usual mode (``0666`` less the umask), like any file a program creates.
 Temporaries left by a killed process are removed by the next write of the same name
-and by :func:`clean_stale_temporaries`. ``.pt`` files are serialised in memory first,
-so their bytes do not depend on the temporary name and identical runs give identical
-files.
+and by :func:`clean_stale_temporaries`; only names of that exact pattern, with its ``metaif-``
+marker and the id of a process no longer running, are ever removed (a user's own ``*.tmp``
+files are left alone). ``.pt`` files are serialised in memory first,
+in canonical form, so their bytes do not depend on the temporary name, nor on whether a run
+was resumed: equal content gives identical files.
 
 Reads of another command's artefacts go through :func:`load_torch`, :func:`load_json`
 and :func:`read_csv`: a missing, truncated or damaged file ends in one
@@ -29,9 +31,11 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from metaif_cli.errors import MetaifError
+from metaif_cli.canonical import canonical
+from metaif_cli.errors import MetaifError, os_error
 
-_TMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp$")
+TMP_MARKER = "metaif"  # in every temporary's name: only files with it are ever cleaned up
+_TMP_RE = re.compile(rf"^\.(?P<name>.+)\.{TMP_MARKER}-(?P<pid>\d+)-[0-9a-f]{{8}}\.tmp$")
 
 
 def resolved_path(text: str | os.PathLike) -> str:
@@ -41,7 +45,7 @@ def resolved_path(text: str | os.PathLike) -> str:
 
 
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return path.with_name(f".{path.name}.{TMP_MARKER}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 _WRITING: set[str] = set()  # temporaries this process is writing now
@@ -63,8 +67,6 @@ def _is_stale(tmp: Path, name: str | None = None) -> bool:
     if m is None or (name is not None and m.group("name") != name):
         return False
     pid = m.group("pid")
-    if pid is None:  # written by an older metaif, long gone
-        return True
     if int(pid) == os.getpid():  # ours: stale unless being written now (left by an interrupted write)
         return str(tmp) not in _WRITING
     return not _alive(int(pid))
@@ -73,19 +75,21 @@ def _is_stale(tmp: Path, name: str | None = None) -> bool:
 def _discard(tmp: Path) -> None:
     try:
         tmp.unlink()
-    except FileNotFoundError:
+    except OSError:  # already gone, or the folder went read-only: nothing of ours to keep
         pass
 
 
 def clean_stale_temporaries(directory: str | os.PathLike, recursive: bool = True) -> int:
-    """Remove ``.NAME.*.tmp`` files left in ``directory`` by killed writers; return how many."""
+    """Remove metaif's temporaries (``.NAME.metaif-<pid>-<hex>.tmp``) left in ``directory`` by killed
+    writers; return how many. Any other file, a user's ``*.tmp`` included, is left alone."""
     directory = Path(directory)
     if not directory.is_dir():
         return 0
-    found = directory.rglob(".*.tmp") if recursive else directory.glob(".*.tmp")
+    pattern = f".*.{TMP_MARKER}-*.tmp"
+    found = directory.rglob(pattern) if recursive else directory.glob(pattern)
     removed = 0
     for tmp in found:
-        if tmp.is_file() and _is_stale(tmp):
+        if tmp.is_file() and not tmp.is_symlink() and _is_stale(tmp):
             _discard(tmp)
             removed += 1
     return removed
@@ -111,16 +115,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     mode; stale temporaries of the same name are removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        if _is_stale(old, path.name):
-            _discard(old)
     tmp = _tmp_path(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:  # disk full, read-only folder, a name over the limit: one line naming the file (errors.os_error)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f".{glob_escape(path.name)}.{TMP_MARKER}-*.tmp"):
+            if _is_stale(old, path.name):
+                _discard(old)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise os_error(exc, path) from None
     _WRITING.add(str(tmp))
     try:
         yield tmp
         _replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise os_error(exc, path) from None
     except BaseException:
         _discard(tmp)
         raise
@@ -159,9 +169,10 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def torch_bytes(obj: Any) -> bytes:
-    """``torch.save(obj)`` as bytes: the same object gives the same bytes, whatever the file name."""
+    """``torch.save(obj)`` as bytes: equal content gives the same bytes, whatever the file name and
+    however the object was built (:func:`metaif_cli.canonical.canonical`)."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(canonical(obj), buf)
     return buf.getvalue()
 
 

@@ -15,8 +15,9 @@ What a user does, start to end:
     python scripts/example_own_model.py --out /tmp/own_example     # about two minutes on a CPU
     python scripts/example_own_model.py --out /tmp/x --steps 3 --tasks 10 --per-class 20 --queries 3  # CI
 
-Afterwards the CLI works on the same run: ``metaif score run=<out>/run``,
-``metaif prune-and-retrain run=<out>/run`` (it retrains with the settings given to the import).
+Afterwards the CLI works on the same run: ``metaif score run=<out>/run factory=<this file>:make_net``,
+``metaif prune-and-retrain run=<out>/run score.factory=<this file>:make_net`` (it retrains with the
+settings given to the import; a run names its factory for checking only, you give it).
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"imported: meta-test accuracy {results['test_acc']:.3f} +- {results['test_acc_ci95']:.3f}")
 
     scores = api.score(args.out / "run", args.out / "scores", unit="task", hessian={"num_tasks": 16},
-                       evaluation={"num_tasks": 10})
+                       evaluation={"num_tasks": 10}, factory=cfg.model.factory)
     top = scores.task_scores.sort_values("rank").head(args.top)
     print(f"the {args.top} most harmful training tasks (negative = removing it lowers the meta-test loss):")
     print(top.to_string(index=False))

@@ -59,12 +59,13 @@ def float64() -> Iterator[None]:
 @pytest.fixture
 def tiny_model_factory() -> Callable[..., MetaModel]:
     """``make(name="mlp", norm="none", pool="max", hidden=4, layers=2, groups=2, ways=3,
-    image_shape=(1, 8, 8), seed=0, dtype=torch.float64)`` -> a small :class:`MetaModel`."""
+    image_shape=(1, 8, 8), seed=0, dtype=torch.float64, activation="relu")`` -> a small :class:`MetaModel`."""
 
     def make(name: str = "mlp", norm: str = "none", pool: str = "max", hidden: int = 4, layers: int = 2,
              groups: int = 2, ways: int = 3, image_shape: tuple[int, int, int] = (1, 8, 8), seed: int = 0,
-             dtype: torch.dtype = torch.float64) -> MetaModel:
-        cfg = ModelConfig(name=name, hidden=hidden, layers=layers, norm=norm, groups=groups, pool=pool)
+             dtype: torch.dtype = torch.float64, activation: str = "relu") -> MetaModel:
+        cfg = ModelConfig(name=name, hidden=hidden, layers=layers, norm=norm, groups=groups, pool=pool,
+                          activation=activation)
         return build_model(cfg, image_shape, ways, seed).to(dtype)
 
     return make

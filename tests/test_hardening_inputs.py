@@ -241,6 +241,7 @@ BAD_SETTINGS = {
     "loo_modes_empty": ("prune_and_retrain", ["loo_modes=[]"], "loo_modes"),
     "methods_twice": ("prune_and_retrain", ["methods=[if,if]"], "twice"),
     "n_jobs_zero": ("prune_and_retrain", ["n_jobs=0"], "n_jobs"),
+    "retrain_batch_zero": ("prune_and_retrain", ["retrain.batch=0"], "retrain.batch"),
     "grad_ascent_steps_zero": ("prune_and_retrain", ["grad_ascent_steps=0"], "grad_ascent_steps"),
 }
 

@@ -42,6 +42,7 @@ class Recorder:
 def recorder(monkeypatch):
     Recorder.made = []
     monkeypatch.setattr(progress, "tqdm", Recorder)
+    monkeypatch.setattr(progress, "_on_terminal", lambda kwargs: True)  # a terminal's bar, drawn to a buffer
     return Recorder.made
 
 
@@ -67,10 +68,54 @@ def test_progress_and_logs_solver_bar_ends_at_100_percent(recorder, solver):
     assert "100%" in drawn[-1], drawn[-1]
 
 
-def test_progress_and_logs_bar_disabled_off_terminal():
-    bar = progress.bar(range(3), enabled=True, file=io.StringIO())  # a StringIO is not a terminal
-    assert bar.disable
+def test_progress_and_logs_bar_not_drawn_off_terminal():
+    out = io.StringIO()  # a StringIO is not a terminal
+    bar = progress.bar(range(3), enabled=True, file=out)
+    assert isinstance(bar, progress.LogBar)
+    list(bar)
+    assert out.getvalue() == ""
     assert progress.bar(range(3), enabled=False).disable
+
+
+def test_progress_off_terminal_logs_step_loss_rate_and_time_left(monkeypatch, caplog):
+    monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="metaif.progress")
+    bar = progress.bar(total=4, desc="meta-train", unit="step", file=io.StringIO())
+    for _ in range(4):
+        bar.update(1)
+        bar.set_postfix(loss="0.532")
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "metaif.progress"]
+    assert any(line.startswith("meta-train 4/4 (100%) loss=0.532 |") for line in lines), lines
+    assert any("step/s" in line or "s/step" in line for line in lines), lines
+    assert any("left" in line for line in lines), lines
+
+
+def test_progress_off_terminal_lines_are_spaced_by_the_interval(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="metaif.progress")
+    bar = progress.LogBar(total=20, desc="retrain", log_every=30.0, file=io.StringIO())
+    now = [0.0]
+    monkeypatch.setattr(bar, "_time", lambda: now[0])
+    bar.start_t = bar._last_logged = 0.0
+    for t in range(0, 90, 10):
+        now[0] = float(t)
+        bar.display()  # at 0, 10, ..., 80 s: a line at 30 and 60 s only
+    assert len([r for r in caplog.records if r.name == "metaif.progress"]) == 2
+
+
+def test_progress_run_with_output_to_a_file_logs_progress_lines(tmp_path):
+    """``metaif train`` with stderr sent to a file: periodic progress lines in the log, no bar."""
+    run, err = tmp_path / "run", tmp_path / "stderr.txt"
+    code = ("import sys; from metaif_cli import progress; progress.LOG_EVERY_SECONDS = 0.0\n"
+            "from metaif_cli.cli import main; sys.argv = ['metaif'] + sys.argv[1:]; main()")
+    with err.open("w") as stderr:
+        res = subprocess.run([sys.executable, "-c", code, "train", "debug=fast", "progress=true", "model.hidden=8",
+                              f"hydra.run.dir={run}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, timeout=600)
+    text = err.read_text()
+    assert res.returncode == 0, text
+    assert "\r" not in text
+    lines = [line for line in (run / "train.log").read_text().splitlines() if "meta-train " in line]
+    assert any("6/6 (100%)" in line and "loss=" in line and "left" in line for line in lines), lines
 
 
 def test_progress_and_logs_log_records_go_through_tqdm_write():

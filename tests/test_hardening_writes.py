@@ -158,9 +158,9 @@ def test_interrupted_writes_files_get_the_usual_mode(tmp_path, umask):
 
 def test_interrupted_writes_stale_temporaries_are_cleaned(tmp_path):
     dead = 2**22 + 12345  # above the default pid_max: no such process
-    leftovers = [tmp_path / f".model.pt.{dead}.abcd1234.tmp", tmp_path / ".results.json.x1y2z3ab.tmp",
-                 tmp_path / "sub" / f".metrics.csv.{dead}.00ff00ff.tmp"]
-    live = tmp_path / f".tasks.csv.{os.getppid()}.deadbeef.tmp"  # a writer still running: kept
+    leftovers = [tmp_path / f".model.pt.metaif-{dead}-abcd1234.tmp", tmp_path / f".results.json.metaif-{dead}-0a1b2c3d.tmp",
+                 tmp_path / "sub" / f".metrics.csv.metaif-{dead}-00ff00ff.tmp"]
+    live = tmp_path / f".tasks.csv.metaif-{os.getppid()}-deadbeef.tmp"  # a writer still running: kept
     for p in [*leftovers, live]:
         p.parent.mkdir(exist_ok=True)
         p.write_text("partial")
@@ -183,7 +183,7 @@ def test_interrupted_writes_cleaning_spares_a_write_in_progress(tmp_path):
         tmp.write_text("being written")
         assert mio.clean_stale_temporaries(tmp_path) == 0 and tmp.exists()
     assert (tmp_path / "f.txt").read_text() == "being written"
-    left = tmp_path / f".g.txt.{os.getpid()}.0badc0de.tmp"  # ours, but no write in progress: a leftover
+    left = tmp_path / f".g.txt.metaif-{os.getpid()}-0badc0de.tmp"  # ours, but no write in progress: a leftover
     left.write_text("x")
     assert mio.clean_stale_temporaries(tmp_path) == 1
 
@@ -199,7 +199,7 @@ def test_interrupted_writes_score_cleans_leftovers_of_a_killed_run(tmp_path):
     out = tmp_path / "score"
     out.mkdir()
     dead = 2**22 + 777
-    left = [out / f".task_scores.csv.{dead}.0a0b0c0d.tmp", out / f".some_plot.png.{dead}.11223344.tmp"]
+    left = [out / f".task_scores.csv.metaif-{dead}-0a0b0c0d.tmp", out / f".some_plot.png.metaif-{dead}-11223344.tmp"]
     for p in left:
         p.write_text("half")
     cfg = ScoreConfig(run=str(run), method="loss", plots=False, progress=False)

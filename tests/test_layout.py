@@ -22,7 +22,8 @@ MAX_LINES = 300
 # Top-level name under metaif_cli/ -> layer; a module may import its own layer or lower ones.
 LAYERS: dict[str, int] = {
     # base
-    "__init__": 0, "errors": 0, "io": 0, "constants": 0, "checks": 0, "hydra_app": 0, "progress": 0,
+    "__init__": 0, "errors": 0, "io": 0, "constants": 0, "checks": 0, "hydra_app": 0, "hydra_rundir": 0, "progress": 0, "canonical": 0,
+    "ownership": 0, "fingerprint": 0, "settings_names": 0,
     # core: never reads a Hydra config or a run directory
     "data": 1, "models": 1, "meta": 1, "influence": 1, "reports": 1,
     # command packages
@@ -34,8 +35,9 @@ LAYERS: dict[str, int] = {
     "cli": 6, "api": 6,
 }
 CORE = 1
-BASE_NO_SPEC = {"__init__", "errors", "io", "hydra_app", "checks", "progress"}  # plumbing: no SPEC section to cite
-HYDRA_MODULES = ("hydra", "omegaconf", f"{PACKAGE}.hydra_app")
+BASE_NO_SPEC = {"__init__", "errors", "io", "hydra_app", "hydra_rundir", "checks", "progress", "canonical", "ownership", "fingerprint",
+                "settings_names"}  # plumbing: no SPEC section to cite
+HYDRA_MODULES = ("hydra", "omegaconf", f"{PACKAGE}.hydra_app", f"{PACKAGE}.hydra_rundir")
 # The run directory's file names: a core module importing them would be reading a run directory.
 CORE_FORBIDDEN = HYDRA_MODULES + (f"{PACKAGE}.constants",)
 
@@ -191,7 +193,7 @@ def test_core_reads_no_hydra_config_or_run_directory(package):
 
 def test_hydra_only_in_the_command_layer(package):
     edges, _ = package
-    allowed = lambda mod: mod.endswith(".command") or mod in (f"{PACKAGE}.cli", f"{PACKAGE}.hydra_app")  # noqa: E731
+    allowed = lambda mod: mod.endswith(".command") or mod in (f"{PACKAGE}.cli", f"{PACKAGE}.hydra_app", f"{PACKAGE}.hydra_rundir")  # noqa: E731
     bad = [f"{mod}:{e.line} imports {e.dst}" for mod, out in edges.items() if not allowed(mod) for e in out
            if any(e.dst == f or e.dst.startswith(f + ".") for f in HYDRA_MODULES)]
     assert bad == []

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, jvp
 
+from metaif_cli.errors import MetaifError
 from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import FlatSpec, Params
 from metaif_cli.meta.tasks import TaskBatch
+from metaif_cli.models.config import ModelConfig
 from metaif_cli.models.networks import BatchNormPrimitive, MetaModel, params_of
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -187,7 +189,9 @@ def _meta_hvp_error(model: MetaModel, batch: TaskBatch, seed: int = 1, eps: floa
 
 
 HVP_OPTIONS = [dict(name="mlp", norm=n) for n in ("batch", "group", "none")] + [
-    dict(name="cnn4", norm=n, pool=p) for n in ("batch", "group", "none") for p in ("max", "stride")
+    dict(name="cnn4", norm=n, pool=p) for n in ("batch", "group", "none") for p in ("max", "avg", "stride")
+] + [dict(name="mlp", norm=n, activation=a) for n in ("batch", "none") for a in ("gelu", "softplus", "tanh")] + [
+    dict(name="cnn4", norm="batch", pool="avg", activation=a) for a in ("gelu", "softplus", "tanh")
 ]
 
 
@@ -195,6 +199,20 @@ HVP_OPTIONS = [dict(name="mlp", norm=n) for n in ("batch", "group", "none")] + [
 def test_meta_hvp_matches_finite_differences(model_opts, tiny_model_factory, tiny_tasks):
     model = tiny_model_factory(**model_opts)
     assert _meta_hvp_error(model, tiny_tasks(n=1, unit_weights=False)) < 1e-5
+
+
+@pytest.mark.parametrize("activation", ["gelu", "softplus", "tanh"])
+def test_smooth_activation_replaces_every_relu(activation, tiny_model_factory):
+    for name in ("mlp", "cnn4"):
+        model = tiny_model_factory(name=name, activation=activation, pool="avg")
+        kinds = {type(m).__name__ for m in model.modules()}
+        assert "ReLU" not in kinds and "MaxPool2d" not in kinds
+        assert {"gelu": "GELU", "softplus": "Softplus", "tanh": "Tanh"}[activation] in kinds
+
+
+def test_unknown_activation_is_refused_naming_the_choices():
+    with pytest.raises(MetaifError, match="model.activation.*relu, gelu, softplus, tanh"):
+        ModelConfig(activation="swish")
 
 
 class BuiltinBatchNorm(nn.Module):
@@ -290,3 +308,21 @@ def test_imaml_implicit_gradient_matches_long_unrolled_solve(tiny_tasks):
 
     assert _rel_err(g_implicit, spec.unflatten(g_unrolled)) < 1e-5
     torch.testing.assert_close(loss, unrolled_loss.detach())
+
+
+def test_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """A run directory written before ``model.activation`` existed holds a ReLU run: the same command
+    reuses it, another activation is refused as a run with different settings."""
+    import json
+
+    from metaif_cli import constants as C
+    from metaif_cli.train.config import TrainConfig
+    from metaif_cli.train.experiment import config_dict
+    from metaif_cli.train.preflight import check_run_dir
+
+    old = config_dict(TrainConfig())
+    del old["model"]["activation"]
+    (tmp_path / C.TRAIN_CONFIG_JSON).write_text(json.dumps(old))
+    check_run_dir(tmp_path, TrainConfig())
+    with pytest.raises(MetaifError, match="model.activation differ"):
+        check_run_dir(tmp_path, TrainConfig(model=ModelConfig(activation="tanh")))

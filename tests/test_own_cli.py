@@ -72,11 +72,12 @@ def test_folder_and_custom_network_train_score_prune(digits, tmp_path):
     assert saved["config"]["model"]["kwargs"] == {"ways": 3, "hidden": 4, "size": 8}
     assert saved["config"]["dataset"]["path"] == str(digits)
     assert "body.1.weight" in saved["lam"] and "head.weight" in saved["lam"]  # the converted batch norm
-    metaif("score", f"run={run}", *FAST_SCORE, f"hydra.run.dir={scores}")
+    factory = f"{HELPERS}:make_bn_net"  # a run names its factory for checking only: the user gives it
+    metaif("score", f"run={run}", *FAST_SCORE, f"factory={factory}", f"hydra.run.dir={scores}")
     task_scores = pd.read_csv(scores / C.TASK_SCORES_CSV)
     assert sorted(task_scores.task_id) == list(range(8)) and task_scores[C.SCORE_COLUMN].notna().all()
     proc = metaif("prune-and-retrain", f"run={run}", f"scores={scores}", "methods=[if,random]", "fractions=[0.5]",
-                  "progress=false", f"hydra.run.dir={pruned}")
+                  "progress=false", f"score.factory={factory}", f"hydra.run.dir={pruned}")
     results = pd.read_csv(pruned / C.PRUNE_RESULTS_CSV)
     assert results.method.tolist() == ["none", "if", "random"] and results.test_acc.between(0, 1).all()
     assert "outputs in" in proc.stdout

@@ -38,7 +38,8 @@ def test_score_outputs_and_sign_columns(train_run, tmp_path):
     res = score(train_run, tmp_path / "s", "pred_delta_lam=[task:0,query:1:2]")
     assert res.returncode == 0, res.stderr
     tasks = pd.read_csv(tmp_path / "s" / "task_scores.csv")
-    assert list(tasks.columns) == ["task_id", "pred_delta_test_loss", "rank", "method", "corrupted"]
+    assert list(tasks.columns) == ["task_id", "pred_delta_test_loss", "pred_delta_test_loss_se", "rank", "method",
+                                   "corrupted"]
     assert sorted(tasks.task_id) == list(range(12))
     assert (tasks.sort_values("rank").pred_delta_test_loss.diff().dropna() >= 0).all()
     inst = pd.read_csv(tmp_path / "s" / "instance_scores.csv")

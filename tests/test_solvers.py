@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from metaif_cli.errors import MetaifError
+from metaif_cli.influence.config import SolverConfig
 from metaif_cli.influence.series import power_iteration, solve_lissa, solve_neumann
 from metaif_cli.influence.solvers import (
+    SOLVERS,
     SolveResult,
     build_dense_hessian,
     check_converged,
@@ -91,9 +95,9 @@ def test_damping_equals_shifted_matrix(spd, b):
     d = 0.7
     shifted = spd + d * torch.eye(P, dtype=DT)
     for method in ("dense", "cg", "neumann"):
-        kwargs = {"terms": 400} if method == "neumann" else {}
-        damped = solve(method, _hvp(spd), b, d, **kwargs)
-        plain = solve(method, _hvp(shifted), b, 0.0, **kwargs)
+        settings = SolverConfig(name=method, terms=400, tol=1e-6)
+        damped = solve(settings, _hvp(spd), b, d)
+        plain = solve(settings, _hvp(shifted), b, 0.0)
         torch.testing.assert_close(damped.x, plain.x, rtol=1e-8, atol=1e-9)
 
 
@@ -208,14 +212,35 @@ def test_check_converged_message_and_pass():
         check_converged(SolveResult(torch.zeros(3), 5, float("nan"), False, "cg"), 1e-6)
 
 
-def test_unknown_method_raises():
-    with pytest.raises(MetaifError, match="dense, cg, neumann, lissa"):
-        solve("gmres", _hvp(torch.eye(2, dtype=DT)), torch.ones(2, dtype=DT), 0.0)
+def test_unknown_solver_is_refused_naming_the_registered_ones():
+    with pytest.raises(MetaifError, match="set solver.name to one of cg, dense, neumann, lissa"):
+        solve(SimpleNamespace(name="gmres"), _hvp(torch.eye(2, dtype=DT)), torch.ones(2, dtype=DT), 0.0)
+
+
+def test_solver_config_accepts_exactly_the_registered_solvers():
+    assert tuple(SOLVERS) == ("cg", "dense", "neumann", "lissa")
+    for name in SOLVERS:
+        assert SolverConfig(name=name).name == name
+    with pytest.raises(MetaifError, match="solver.name"):
+        SolverConfig(name="gmres")
 
 
 def test_solve_dispatch_and_progress(spd, b):
-    res = solve("cg", _hvp(spd), b, 0.0, tol=1e-10, progress=True)
+    res = solve(SolverConfig(name="cg", tol=1e-10), _hvp(spd), b, 0.0, progress=True)
     torch.testing.assert_close(res.x, solve_cg(_hvp(spd), b, 0.0, tol=1e-10).x)
+
+
+def test_registry_dispatch_equals_direct_calls(spd, b):
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    cfg = SolverConfig(name="lissa", depth=50, repeats=2, tol=1.0)
+    sub = lambda v, g: spd @ v  # noqa: E731
+    via = solve(cfg, _hvp(spd), b, 5.0, hvp_subset=sub, generator=gen())
+    direct = solve_lissa(sub, b, 5.0, depth=50, repeats=2, generator=gen(), power_hvp=_hvp(spd), tol=1.0)
+    torch.testing.assert_close(via.x, direct.x, rtol=0, atol=0)
+    cfg = SolverConfig(name="neumann", terms=30, power_iters=7, tol=1.0)
+    via = solve(cfg, _hvp(spd), b, 5.0, generator=gen())
+    direct = solve_neumann(_hvp(spd), b, 5.0, terms=30, power_iters=7, generator=gen(), tol=1.0)
+    torch.testing.assert_close(via.x, direct.x, rtol=0, atol=0)
 
 
 def test_cg_zero_rhs(spd):

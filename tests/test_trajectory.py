@@ -126,7 +126,7 @@ class Retrainer:
 
     def _direct(self, lam):
         """The mean query loss of the evaluation tasks at ``lam`` itself (no adaptation)."""
-        test, learner = self.problem.test, self.run.exp.learner
+        test, learner = self.problem.test.materialise(), self.run.exp.learner  # a few tasks: gathered at once
         losses = [(test.v[t] * learner.instance_losses(lam, test.x_qry[t], test.y_qry[t])).mean()
                   for t in range(len(test))]
         return torch.stack(losses).mean()

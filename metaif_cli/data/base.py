@@ -24,6 +24,9 @@ class ImageDataset:
         splits: class indices per split (``train``/``val``/``test``) when the dataset
             defines a standard split (Mini-ImageNet); ``None`` means metaif draws a
             seeded split.
+        fingerprint: SHA-256 of the source images and labels (``""``: not yet computed;
+            :func:`metaif_cli.data.registry.load_dataset` fills it in). Runs record it, and
+            scoring an old run refuses data that changed since (README "Run directory").
     """
 
     name: str
@@ -31,6 +34,7 @@ class ImageDataset:
     labels: torch.Tensor
     class_names: list[str]
     splits: dict[str, list[int]] | None = field(default=None)
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:

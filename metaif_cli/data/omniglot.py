@@ -8,8 +8,10 @@ official zips extracted (``images_background/...``), or the official zips themse
 ``images_background_small2.zip``), read in place with :mod:`zipfile`. Classes are keyed
 ``alphabet/character``; a character seen in several sets (Greek and Latin are in both
 small zips) is merged, file names deduplicated. Images are resized, inverted so strokes
-are 1 and paper 0, and cached as uint8 in ``cache_dir`` keyed by the source files and
-the image size. ``rotations=True`` adds the 90/180/270 degree copies as new classes
+are 1 and paper 0, and cached as uint8 in ``cache_dir`` keyed by the source files (names,
+sizes, and a zip member's CRC-32 or a file's modification time, so images rewritten in place
+are read again) and the image size; the cache records the images' content fingerprint,
+hashed once when it is built. ``rotations=True`` adds the 90/180/270 degree copies as new classes
 (the MAML augmentation).
 """
 
@@ -30,6 +32,7 @@ from PIL import Image
 from metaif_cli.data.base import ImageDataset
 from metaif_cli.data.decode import corrupt, pil_to_uint8
 from metaif_cli.errors import MetaifError
+from metaif_cli.fingerprint import tensors_digest
 from metaif_cli.progress import bar as progress_bar
 from metaif_cli.io import save_torch
 
@@ -42,18 +45,20 @@ SET_NAMES = (
     "images_background_small2",
 )
 ROTATIONS = (0, 90, 180, 270)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: keyed by content stamps too, and records the images' fingerprint
 
 
 @dataclass(frozen=True)
 class _Entry:
-    """One PNG: its class key, file name, where it lives and its byte size."""
+    """One PNG: its class key, file name, where it lives, its byte size and what tells its content
+    changed (a zip member's CRC-32; a file's modification time in nanoseconds)."""
 
     class_key: str
     file_name: str
     source: Path
     member: str  # zip member name, or "" when ``source`` is the PNG itself
     size: int
+    stamp: int = 0
 
 
 def default_cache_dir() -> Path:
@@ -94,15 +99,16 @@ def _list_zip(path: Path) -> list[_Entry]:
             continue
         if parts[-1].lower().endswith(".png"):
             key = f"{parts[-3]}/{parts[-2]}"
-            entries.append(_Entry(key, parts[-1], path, info.filename, info.file_size))
+            entries.append(_Entry(key, parts[-1], path, info.filename, info.file_size, info.CRC))
     return entries
 
 
 def _list_dir(path: Path) -> list[_Entry]:
-    return [
-        _Entry(f"{png.parent.parent.name}/{png.parent.name}", png.name, png, "", png.stat().st_size)
-        for png in path.glob("*/*/*.png")
-    ]
+    out = []
+    for png in path.glob("*/*/*.png"):
+        st = png.stat()
+        out.append(_Entry(f"{png.parent.parent.name}/{png.parent.name}", png.name, png, "", st.st_size, st.st_mtime_ns))
+    return out
 
 
 def _collect(sources: list[Path]) -> list[_Entry]:
@@ -118,7 +124,7 @@ def _collect(sources: list[Path]) -> list[_Entry]:
 def _cache_key(entries: list[_Entry], image_size: int) -> str:
     digest = hashlib.sha256(f"omniglot v{_CACHE_VERSION} size={image_size}\n".encode())
     for e in entries:
-        digest.update(f"{e.class_key}/{e.file_name}:{e.size}\n".encode())
+        digest.update(f"{e.class_key}/{e.file_name}:{e.size}:{e.stamp}\n".encode())
     return digest.hexdigest()
 
 
@@ -171,6 +177,8 @@ def _load_cache(path: Path, key: str) -> dict | None:
         if images.dtype != torch.uint8 or images.ndim != 4 or labels.dtype != torch.int64 \
                 or labels.shape != images.shape[:1] or (len(labels) and len(blob["class_names"]) <= int(labels.max())):
             raise ValueError("cache holds tensors of the wrong dtype or shape")
+        if not isinstance(blob.get("fingerprint"), str):
+            raise ValueError("cache records no fingerprint")
         return blob
     except Exception as exc:  # a bad cache is rebuilt, never fatal
         log.warning("ignoring unreadable Omniglot cache %s (%s); rebuilding it", path, exc)
@@ -250,7 +258,8 @@ def load_omniglot(
         index = {name: i for i, name in enumerate(names)}
         labels = torch.tensor([index[e.class_key] for e in entries], dtype=torch.int64)
         images_u8 = _read_images(entries, image_size)  # [N, 1, S, S]
-        blob = {"key": key, "images": images_u8, "labels": labels, "class_names": names}
+        blob = {"key": key, "images": images_u8, "labels": labels, "class_names": names,
+                "fingerprint": tensors_digest(images_u8, labels, "\n".join(names))}  # hashed once, here
         try:
             save_torch(blob, cache_file)
         except OSError as exc:
@@ -263,4 +272,5 @@ def load_omniglot(
         u8, labels, names = _with_rotations(u8, labels, names)
     images = u8.to(torch.float32).div_(255.0)  # [N, 1, S, S]
     log.info("loaded Omniglot: %d images, %d classes, %dx%d", len(labels), len(names), image_size, image_size)
-    return ImageDataset(name="omniglot", images=images, labels=labels, class_names=names)
+    return ImageDataset(name="omniglot", images=images, labels=labels, class_names=names,
+                        fingerprint=blob["fingerprint"])

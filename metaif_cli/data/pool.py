@@ -17,6 +17,7 @@ from torch import Tensor
 
 from metaif_cli.data.config import CorruptionConfig, DatasetConfig
 from metaif_cli.data.base import ImageDataset
+from metaif_cli.data.compact import to_float
 from metaif_cli.errors import MetaifError
 from metaif_cli.meta.tasks import TaskBatch
 
@@ -43,18 +44,23 @@ class TaskPool:
     def __len__(self) -> int:
         return self.spt_idx.shape[0]
 
-    def batch(self, images: Tensor, index: Tensor | None = None) -> TaskBatch:
-        """Materialise tasks (all, or ``index``) as a :class:`TaskBatch` with unit weights on ``images.device``."""
+    def batch(self, images: Tensor, index: Tensor | None = None, dtype: torch.dtype | None = None) -> TaskBatch:
+        """Materialise tasks (all, or ``index``) as a :class:`TaskBatch` with unit weights on ``images.device``.
+
+        ``images`` may be compact (``uint8``: :mod:`metaif_cli.data.compact`); the gathered images are
+        converted to ``dtype`` (default: ``images.dtype`` for floats, float32 for ``uint8``).
+        """
+        dtype = dtype or (images.dtype if images.is_floating_point() else torch.float32)
         sel = slice(None) if index is None else torch.as_tensor(index).cpu()
         spt, qry, dev = self.spt_idx[sel], self.qry_idx[sel], images.device
         return TaskBatch(
-            x_spt=images[spt.to(dev)],  # [T, S, C, H, W]
+            x_spt=to_float(images[spt.to(dev)], dtype),  # [T, S, C, H, W]
             y_spt=self.y_spt[sel].to(dev),
-            u=torch.ones(spt.shape, dtype=images.dtype, device=dev),
-            x_qry=images[qry.to(dev)],  # [T, Q, C, H, W]
+            u=torch.ones(spt.shape, dtype=dtype, device=dev),
+            x_qry=to_float(images[qry.to(dev)], dtype),  # [T, Q, C, H, W]
             y_qry=self.y_qry[sel].to(dev),
-            v=torch.ones(qry.shape, dtype=images.dtype, device=dev),
-            w=torch.ones(spt.shape[0], dtype=images.dtype, device=dev),
+            v=torch.ones(qry.shape, dtype=dtype, device=dev),
+            w=torch.ones(spt.shape[0], dtype=dtype, device=dev),
         )
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from metaif_cli.data.base import ImageDataset
 from metaif_cli.errors import MetaifError
+from metaif_cli.fingerprint import tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,15 @@ def load_dataset(
         )
     if image_size is not None and image_size < 1:
         raise MetaifError(f"dataset.image_size must be positive, got {image_size}")
-    root = Path(root).expanduser()
+    dataset = _load(name, Path(root).expanduser(), image_size=image_size, rotations=rotations, download=download,
+                    cache_dir=cache_dir, path=path, channels=channels, min_per_class=min_per_class)
+    if not dataset.fingerprint:  # Omniglot records it in its cache; the others are hashed here
+        dataset.fingerprint = tensors_digest(dataset.images, dataset.labels, "\n".join(dataset.class_names))
+    return dataset
+
+
+def _load(name: str, root: Path, *, image_size: int | None, rotations: bool, download: bool,
+          cache_dir: Path | None, path: str | None, channels: int | None, min_per_class: int) -> ImageDataset:
     if name == "folder":
         from metaif_cli.data.folder import load_folder
 

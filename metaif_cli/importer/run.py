@@ -27,8 +27,9 @@ from metaif_cli.train.experiment import Experiment, build_experiment, config_dic
 from metaif_cli.importer.config import ImportConfig
 from metaif_cli.importer.weights import fit_builtin, fit_custom, read_state_dict
 from metaif_cli.io import save_csv, save_json, save_torch
-from metaif_cli.meta.params import Params
+from metaif_cli.meta.params import Params, non_finite
 from metaif_cli.train.loop import evaluate_split
+from metaif_cli.train.preflight import record_data
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def lam_from_state_dict(exp: Experiment, state_dict: dict[str, torch.Tensor]) ->
     """Fit a state dict to the experiment's network (built-in or ``model=custom``)."""
     cfg = exp.cfg
     if cfg.model.name == "custom":
-        lam = fit_custom(cfg.model, state_dict, exp.dataset.image_shape, cfg.dataset.ways, cfg.seed)
+        lam = fit_custom(cfg.model, state_dict, exp.dataset.image_shape, cfg.dataset.ways, cfg.seed, exp.dtype)
     else:
         lam = fit_builtin(exp.model, state_dict)
     return {k: v.to(exp.device, exp.dtype) for k, v in lam.items()}
@@ -64,6 +65,10 @@ def write_run_dir(exp: Experiment, lam: Params, run_dir: Path, source: dict | No
         source: what the weights are (recorded as ``imported_from`` in ``results.json``).
     """
     check_new_run_dir(run_dir)
+    bad = non_finite(lam)
+    if bad:
+        raise MetaifError(f"the weights hold NaN or infinite values (in {bad[0]}): they diverged; import weights "
+                          "saved before the divergence")
     expected = {k: tuple(p.shape) for k, p in exp.model.named_parameters()}
     got = {k: tuple(v.shape) for k, v in lam.items()}
     if expected != got:
@@ -75,6 +80,7 @@ def write_run_dir(exp: Experiment, lam: Params, run_dir: Path, source: dict | No
     table = pools_table(exp.pools, exp.dataset)
     split = {s: sorted(table.loc[table.split == s, "class"].unique().tolist()) for s in exp.pools}
     save_json(config_dict(exp.cfg), run_dir / C.TRAIN_CONFIG_JSON)
+    record_data(run_dir, exp.dataset)
     save_csv(table, run_dir / C.TASKS_CSV)
     save_json(split, run_dir / C.SPLIT_JSON)
     save_torch({"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg),

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from metaif_cli.models.config import ModelConfig
 from metaif_cli.errors import MetaifError
-from metaif_cli.meta.params import Params
+from metaif_cli.meta.params import Params, non_finite
 
 PREFIXES = ("module.", "_orig_mod.")  # learn2learn MAML / DataParallel, torch.compile
 NESTED = ("state_dict", "model_state_dict", "model")
@@ -43,6 +43,10 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             obj = obj[key]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
         raise MetaifError(f"weights={path} holds no state dict of tensors; save torch.save(model.state_dict(), path)")
+    bad = non_finite(obj)
+    if bad:
+        raise MetaifError(f"weights={path} holds NaN or infinite values (in {bad[0]}): the weights diverged; "
+                          "import weights saved before the divergence")
     return strip_prefixes(obj)
 
 
@@ -69,28 +73,31 @@ def _refuse(missing: list[str], unexpected: list[str], shapes: list[str]) -> Non
 
 
 def fit_builtin(model: nn.Module, sd: Mapping[str, Tensor]) -> Params:
-    """``lam`` of a built-in network (``body.*``/``head.*``) from a state dict with the same names."""
+    """``lam`` of a built-in network (``body.*``/``head.*``) from a state dict with the same names,
+    converted explicitly to the dtype of ``model`` (the run's ``dtype``: float64 weights stay float64)."""
     expected = dict(model.named_parameters())
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(p.shape)}" for k, p in expected.items()
               if k in sd and sd[k].shape != p.shape]
     _refuse(missing, unexpected, shapes)
-    return {k: sd[k].detach().clone().float() for k in expected}
+    return {k: sd[k].detach().to(dtype=p.dtype, copy=True) for k, p in expected.items()}  # the run's dtype
 
 
 def fit_custom(cfg: ModelConfig, sd: Mapping[str, Tensor], image_shape: tuple[int, int, int], ways: int,
-               seed: int) -> Params:
+               seed: int, dtype: torch.dtype = torch.float32) -> Params:
     """``lam`` of a ``model=custom`` network: load ``sd`` into the user's network, then convert it.
 
-    Norm layers are converted after loading, so their affine state comes from ``sd`` (running
+    The network is moved to ``dtype`` (the run's) before loading, so the weights are converted
+    once, explicitly, to the run's dtype (float64 weights stay float64 in a float64 run). Norm
+    layers are converted after loading, so their affine state comes from ``sd`` (running
     statistics, which metaif does not use, must be present if the network has them).
     """
     from metaif_cli.models.custom import BATCH_NORMS, build_user_net, wrap_user_net
 
     if not cfg.factory:
         raise MetaifError("model=custom needs model.factory=package.module:make_net (and model.kwargs, model.head)")
-    net = build_user_net(cfg.factory, cfg.kwargs, seed)
+    net = build_user_net(cfg.factory, cfg.kwargs, seed).to(dtype)
     expected = net.state_dict()
     # running statistics of batch norms are optional: metaif normalises with batch statistics
     unused = {f"{name}.{b}" for name, m in net.named_modules() if isinstance(m, BATCH_NORMS)

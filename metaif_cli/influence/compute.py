@@ -44,6 +44,7 @@ class ScoreOutput:
     inner_residual: float | None = None  # implicit mode: worst inner solve / CG relative residual
     reused_s: bool = False  # s was given (computed earlier with the same settings), not solved here
     members: list[dict] | None = None  # ensembles: each member's label, seconds, residual, damping
+    spread: UnitScores | None = None  # ensembles: standard error of the mean score over the members
     seconds: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # method-specific facts for score.json (library baselines)
 
@@ -108,26 +109,11 @@ def choose_damping(problem: Problem, theta: Tensor, cfg: InfluenceSettings, star
     if not cfg.hessian.auto_damping:
         return Curvature(cfg.hessian.base_damping(), gamma=gamma)
     if start is None:
-        start = problem.eval_grad(theta)[1].mean(0)
+        start = problem.eval_mean_grad(theta)[1]
     damping, lo, hi = krylov.estimate_damping(hvp, start, cfg.hessian.base_damping(), cfg.hessian.damping_factor,
                                               cfg.hessian.damping_iters(), damping_rule(cfg))
     log.info("total Hessian eigenvalues in about [%.3g, %.3g]; damping %.3g", lo, hi, damping)
     return Curvature(damping, lo, hi, gamma)
-
-
-def _run_solver(cfg: InfluenceSettings, hvp: Callable, hvp_subset: Callable, b: Tensor, damping: float
-                ) -> solvers.SolveResult:
-    sc = cfg.solver
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if sc.name == "dense":
-        return solvers.solve_dense(hvp, b, damping)
-    if sc.name == "cg":
-        return solvers.solve_cg(hvp, b, damping, max_iter=sc.max_iter, tol=sc.tol, progress=cfg.progress)
-    if sc.name == "neumann":
-        return solvers.solve_neumann(hvp, b, damping, terms=sc.terms, power_iters=sc.power_iters, generator=gen,
-                                     tol=sc.tol, progress=cfg.progress)
-    return solvers.solve_lissa(hvp_subset, b, damping, depth=sc.depth, repeats=sc.repeats, generator=gen,
-                               power_hvp=hvp, tol=sc.tol, progress=cfg.progress)
 
 
 def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSettings,
@@ -154,14 +140,19 @@ def solve_ihvp(problem: Problem, theta: Tensor, b: Tensor, cfg: InfluenceSetting
                  auto.eigenvalue_max, auto.damping)
     else:
         curvature = curvature or choose_damping(problem, theta, cfg, b)
-        result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
+
+        def run(damping: float) -> solvers.SolveResult:
+            return solvers.solve(sc, hvp, b, damping, hvp_subset=hvp_subset,
+                                 generator=torch.Generator().manual_seed(cfg.seed), progress=cfg.progress)
+
+        result = run(curvature.damping)
         retries = 3 if cfg.hessian.auto_damping and sc.name == "cg" else 0
         while not result.converged and retries > 0 and result.iterations < sc.max_iter:
             retries -= 1
             curvature = Curvature(2 * curvature.damping, curvature.eigenvalue_min, curvature.eigenvalue_max,
                                   curvature.gamma)
             log.warning("CG met negative curvature; retrying with damping %.3g", curvature.damping)
-            result = _run_solver(cfg, hvp, hvp_subset, b, curvature.damping)
+            result = run(curvature.damping)
     if not sc.allow_unconverged:
         solvers.check_converged(result, sc.tol)
     elif float(b.to(torch.float64).norm()) > 0:
@@ -199,8 +190,11 @@ def influence(problem: Problem, theta: Tensor, cfg: InfluenceSettings, use_solve
     """
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    values, grads = problem.eval_grad(theta)  # [T], [T, P]
-    b = grads.mean(0)
+    if cfg.evaluation.kind == "per_task":  # one s per evaluation task: the [T, P] gradients are needed
+        values, grads = problem.eval_grad(theta)  # [T], [T, P]
+        value, b = values.mean(), grads.mean(0)
+    else:  # accumulated over chunks of evaluation tasks: never [T, P]
+        value, b = problem.eval_mean_grad(theta)
     _check_finite("the evaluation gradient D f", b)
     times["eval_grad"] = time.perf_counter() - t0
     result, curvature, train_by_test = None, None, None
@@ -228,7 +222,7 @@ def influence(problem: Problem, theta: Tensor, cfg: InfluenceSettings, use_solve
         train_by_test = torch.stack(cols, 1)  # [n, T]
         times["per_task"] = time.perf_counter() - t0
     _check_finite("the scores", scores.task)
-    return ScoreOutput(scores, s=s, solve=result, curvature=curvature, eval_value=float(values.mean()),
+    return ScoreOutput(scores, s=s, solve=result, curvature=curvature, eval_value=float(value),
                        train_by_test=train_by_test, seconds=times, reused_s=use_solver and solved is not None)
 
 
@@ -239,7 +233,7 @@ def tracin(make_problem: Callable[[], Problem], checkpoints: list[tuple[Tensor, 
     total: UnitScores | None = None
     for theta, lr in checkpoints:
         problem = make_problem()
-        s = problem.eval_grad(theta)[1].mean(0) * lr
+        s = problem.eval_mean_grad(theta)[1] * lr
         sc = problem.unit_scores(theta, s, index)
         total = sc if total is None else UnitScores(total.task + sc.task, total.query + sc.query,
                                                     total.support + sc.support)

@@ -13,9 +13,9 @@ from typing import Optional, Protocol
 
 from metaif_cli.checks import choice, in_range, integer, positive
 from metaif_cli.errors import MetaifError
+from metaif_cli.influence.solvers import SOLVERS
 
 HESSIAN_FORMS = ("exact", "no_third_order", "gamma", "gauss_newton")
-SOLVERS = ("cg", "dense", "neumann", "lissa")
 EVALUATIONS = ("mean_loss", "per_task", "margin")
 
 
@@ -114,7 +114,7 @@ class SolverConfig:
     allow_unconverged: bool = False
 
     def __post_init__(self) -> None:
-        choice("solver.name", self.name, SOLVERS)
+        choice("solver.name", self.name, tuple(SOLVERS))
         for key in ("max_iter", "terms", "power_iters", "depth", "repeats", "lissa_tasks"):
             integer(f"solver.{key}", getattr(self, key), minimum=1)
         in_range("solver.tol", self.tol, 0.0, 1.0, low_open=True)  # 1: accept any usable solve (loose LiSSA)

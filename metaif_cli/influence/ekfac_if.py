@@ -57,6 +57,8 @@ from torch.utils.data import Dataset
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence.baseline_config import EkfacConfig
 from metaif_cli.influence.compute import ScoreOutput
+from metaif_cli.data.compact import to_float
+from metaif_cli.data.gather import PoolTasks
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.meta.params import Params
 from metaif_cli.meta.tasks import TaskBatch
@@ -65,10 +67,16 @@ log = logging.getLogger(__name__)
 
 
 class InstanceDataset(Dataset):
-    """The instances of one role of a task batch, task-major: items ``(x, y, weight)``."""
+    """The instances of one role of a set of tasks, task-major: items ``(x, y, weight)``.
 
-    def __init__(self, x: Tensor, y: Tensor, weight: Tensor) -> None:
-        self.x = x.reshape(-1, *x.shape[2:])  # [T * M, C, H, W]
+    ``images [N, C, H, W]`` (compact or float) and ``rows [T, M]`` (the instances' rows in
+    it): each item's image is gathered and converted to ``dtype`` when it is read, so the
+    pool's images are never copied whole (:mod:`metaif_cli.data.compact`).
+    """
+
+    def __init__(self, images: Tensor, rows: Tensor, y: Tensor, weight: Tensor, dtype: torch.dtype) -> None:
+        self.images, self.dtype = images, dtype
+        self.rows = rows.reshape(-1).to(images.device)  # [T * M]
         self.y = y.reshape(-1)
         self.weight = weight.reshape(-1)
 
@@ -76,13 +84,24 @@ class InstanceDataset(Dataset):
         return self.y.shape[0]
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        return self.x[i], self.y[i], self.weight[i]
+        return to_float(self.images[self.rows[i]], self.dtype), self.y[i], self.weight[i]
 
 
-def instance_dataset(batch: TaskBatch, role: str, weight: Tensor | None = None) -> InstanceDataset:
-    """Query or support instances of ``batch`` with per-instance loss weights (default 1)."""
-    x, y = (batch.x_qry, batch.y_qry) if role == "query" else (batch.x_spt, batch.y_spt)
-    return InstanceDataset(x, y, torch.ones(y.shape, dtype=x.dtype, device=x.device) if weight is None else weight)
+def instance_dataset(tasks: TaskBatch | PoolTasks, role: str, weight: Tensor | None = None) -> InstanceDataset:
+    """Query or support instances of ``tasks`` with per-instance loss weights (default 1)."""
+    y = tasks.y_qry if role == "query" else tasks.y_spt
+    if isinstance(tasks, PoolTasks):
+        images, rows, dtype = tasks.images, tasks.image_rows(role), tasks.dtype
+    else:
+        x = tasks.x_qry if role == "query" else tasks.x_spt
+        images, rows, dtype = x.reshape(-1, *x.shape[2:]), torch.arange(y.numel()), x.dtype  # [T * M, C, H, W]
+    ones = torch.ones(y.shape, dtype=dtype, device=y.device)
+    return InstanceDataset(images, rows, y, ones if weight is None else weight, dtype)
+
+
+def _query_sums(tasks: TaskBatch | PoolTasks, chunk: int = 32) -> Tensor:
+    """Pixel sum of every query image, ``[T, Q]``, ``chunk`` tasks at a time (a fingerprint of the data)."""
+    return torch.cat([tasks[a : a + chunk].x_qry.sum((2, 3, 4)) for a in range(0, len(tasks), chunk)])
 
 
 def _make_task(tracked: list[str] | None):
@@ -179,7 +198,7 @@ def ekfac_influence(model: nn.Module, lam: Params, train: TaskBatch, test: TaskB
         tmp = tempfile.TemporaryDirectory(prefix="metaif-ekfac-")
         work_dir = Path(tmp.name)
     key = fingerprint(torch.cat([t.reshape(-1) for t in lam.values()]), train.y_qry, train.w, train.v,
-                      train.x_qry.sum((2, 3, 4)), test.y_qry, test.x_qry.sum((2, 3, 4)),
+                      _query_sums(train), test.y_qry, _query_sums(test),
                       torch.tensor([float(cfg.use_empirical_fisher), float(cfg.max_examples or 0), seed]))
     task = _make_task(tracked_modules(model, lam))
     net = prepare_model(network_at(model, lam), task)

@@ -37,6 +37,8 @@ from metaif_cli.meta.implicit import inner_hvp
 from metaif_cli.models.networks import logits
 from metaif_cli.progress import bar as progress_bar
 
+PHI_CACHE = 1024  # inner solutions kept per theta: enough for the evaluation and Hessian tasks
+
 
 class ImplicitProblem(Problem):
     """iMAML's bilevel problem, task by task (CG with tolerances does not vmap)."""
@@ -56,7 +58,7 @@ class ImplicitProblem(Problem):
     # -- per-task pieces ------------------------------------------------------------------
     def _args(self, split: str, k: int) -> tuple[Tensor, ...]:
         batch = self.train if split == "train" else self.test
-        return tuple(a[k] for a in batch.task_args())
+        return tuple(a[0] for a in batch[k].task_args())  # one task gathered (a PoolTasks converts its images)
 
     def phi(self, theta: Tensor, split: str, k: int) -> Tensor:
         """The inner solution of task ``k`` solved to ``inner_tol`` (cached per ``theta``)."""
@@ -79,6 +81,8 @@ class ImplicitProblem(Problem):
                 p = (p - lr * g).detach()
             # the implicit derivatives hold at the exact argmin: record how far from it we are
             self.max_residual = max(self.max_residual, float(prox_grad(p).norm() / (1 + p.norm())))
+            if len(self._phi) >= PHI_CACHE:  # memory: a [P] vector per task; the first ones (evaluation
+                return p  # and Hessian tasks, reused by every product) stay, the unit pass's are not kept
             self._phi[(split, k)] = p
         return self._phi[(split, k)]
 
@@ -106,15 +110,24 @@ class ImplicitProblem(Problem):
         return grad(lambda p: jvp(grad(inner), (p,), (a,))[1] @ b)(phi)
 
     # -- Problem interface ------------------------------------------------------------------
-    def eval_grad(self, theta):
-        eta, values, grads = self.learner.cfg.eta, [], []
+    def _eval_terms(self, theta):
+        """``(f_t, D f_t)`` for each evaluation task in turn."""
+        eta = self.learner.cfg.eta
         for t in range(len(self.test)):
             x_spt, y_spt, u, x_qry, y_qry, v = self._args("test", t)
             phi = self.phi(theta, "test", t)
             f = lambda p: weighted_mean(self._qvalues(x_qry, y_qry, self.eval_kind)(p), v)  # noqa: E731
-            values.append(f(phi).detach())
-            grads.append(eta * self._solver(phi, x_spt, y_spt, u)(grad(f)(phi)))
+            yield f(phi).detach(), eta * self._solver(phi, x_spt, y_spt, u)(grad(f)(phi))
+
+    def eval_grad(self, theta):
+        values, grads = zip(*self._eval_terms(theta))
         return torch.stack(values), torch.stack(grads)
+
+    def eval_mean_grad(self, theta):
+        value, total = 0.0, None
+        for f, g in self._eval_terms(theta):
+            value, total = value + f, (g if total is None else total + g)
+        return value / len(self.test), total / len(self.test)
 
     def _task_parts(self, theta, k):
         x_spt, y_spt, u, x_qry, y_qry, v = self._args("train", k)

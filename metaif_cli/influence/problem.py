@@ -88,24 +88,46 @@ class Problem:
 
         ``desc``: show a bar (in tasks) under that name when ``self.progress`` is set.
         """
+        return _cat(list(self._chunks(fn, batch, shared, index, with_weight, desc)))
+
+    def sum_tasks(self, fn: Callable, batch, *shared: Tensor, index: Sequence[int] | Tensor | None = None,
+                  with_weight: bool = False) -> Tensor | tuple:
+        """``sum_k fn(...)`` over the tasks, added chunk by chunk: memory of one chunk's outputs, never ``[n, P]``.
+
+        Equal to ``map_tasks(...).sum(0)`` bit for bit when the tasks fit one chunk, else to rounding.
+        """
+        total = None
+        for out in self._chunks(fn, batch, shared, index, with_weight, None):
+            part = tuple(o.sum(0) for o in out) if isinstance(out, tuple) else out.sum(0)
+            if total is None:
+                total = part
+            else:
+                total = tuple(a + b for a, b in zip(total, part)) if isinstance(part, tuple) else total + part
+        return total
+
+    def _chunks(self, fn: Callable, batch, shared: tuple, index, with_weight: bool, desc: str | None):
+        """``fn`` on ``self.chunk`` tasks at a time; ``batch`` (a TaskBatch or a PoolTasks) gathers each chunk."""
         idx = torch.arange(len(batch)) if index is None else torch.as_tensor(index)
-        outs = []
         bar = progress_bar(total=len(idx), desc=desc, unit="task", enabled=bool(desc) and self.progress, leave=False)
         for start in range(0, len(idx), self.chunk):
             part = batch[idx[start : start + self.chunk].to(batch.w.device)]
             args = part.task_args() + ((part.w,) if with_weight else ())
             if self.use_vmap:
-                outs.append(vmap(fn, in_dims=(None,) * len(shared) + (0,) * len(args))(*shared, *args))
+                yield vmap(fn, in_dims=(None,) * len(shared) + (0,) * len(args))(*shared, *args)
             else:
                 rows = [fn(*shared, *(a[i] for a in args)) for i in range(len(part))]
-                outs.append(_stack(rows))
+                yield _stack(rows)
             bar.update(len(part))
         finish(bar)
-        return _cat(outs)
 
     # -- to implement -----------------------------------------------------------------------
     def eval_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-evaluation-task ``f_t`` ``[T]`` and total gradients ``D f_t`` ``[T, P]``."""
+        """Per-evaluation-task ``f_t`` ``[T]`` and total gradients ``D f_t`` ``[T, P]``
+        (``evaluation.kind=per_task`` and tests; otherwise :meth:`eval_mean_grad`)."""
+        raise NotImplementedError
+
+    def eval_mean_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """``f = mean_t f_t`` (0-d) and ``D f`` ``[P]``, accumulated task chunk by chunk (no ``[T, P]``)."""
         raise NotImplementedError
 
     def _hvp_sum(self, theta: Tensor, vec: Tensor, index: Tensor, form: str) -> Tensor:
@@ -161,6 +183,16 @@ class UnrolledProblem(Problem):
         values, grads = self.map_tasks(one, self.test, theta)
         return values, grads
 
+    def eval_mean_grad(self, theta):
+        kind = self.eval_kind
+
+        def one(th, x_spt, y_spt, u, x_qry, y_qry, v):
+            g, value = torch.func.grad_and_value(self._task_loss)(th, x_spt, y_spt, u, x_qry, y_qry, v, kind)
+            return value, g
+
+        value, g = self.sum_tasks(one, self.test, theta)
+        return value / len(self.test), g / len(self.test)
+
     def _task_hvp(self, form: str) -> Callable:
         if form == "gauss_newton":
             def gn(th, vec, x_spt, y_spt, u, x_qry, y_qry, v, w):
@@ -186,7 +218,7 @@ class UnrolledProblem(Problem):
     def _hvp_sum(self, theta, vec, index, form):
         if len(index) == 0:
             return torch.zeros_like(vec)
-        return self.map_tasks(self._task_hvp(form), self.train, theta, vec, index=index, with_weight=True).sum(0)
+        return self.sum_tasks(self._task_hvp(form), self.train, theta, vec, index=index, with_weight=True)
 
     def _gamma_sum(self, theta, index):
         def l1(th, x_spt, y_spt, u, x_qry, y_qry, v, w):
@@ -196,7 +228,7 @@ class UnrolledProblem(Problem):
             return w * grad(qloss)(phi).abs().sum()
         if len(index) == 0:
             return theta.new_zeros(())
-        return self.map_tasks(l1, self.train, theta, index=index, with_weight=True).sum()
+        return self.sum_tasks(l1, self.train, theta, index=index, with_weight=True)
 
     def unit_scores(self, theta, s, index=None):
         n = self.n

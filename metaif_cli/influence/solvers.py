@@ -10,7 +10,9 @@ relative residual ``||(H + delta I) x - b|| / ||b||``, recomputed with one extra
 - ``cg``: conjugate gradients; stops on breakdown (``p^T A p <= 0``, indefinite ``A``);
 - ``neumann``, ``lissa``: series solvers, in :mod:`metaif_cli.influence.series`.
 
-:func:`solve` dispatches by name; :func:`check_converged` refuses an unconverged solve;
+:data:`SOLVERS` is the registry of solvers, the single source of their names, help text, hints and
+dispatch (``solver.name``); :func:`solve` runs the one a :class:`SolverConfig`-like object names;
+:func:`check_converged` refuses an unconverged solve;
 :func:`check_usable` refuses, even under ``solver.allow_unconverged``, a solve no better than
 ``x = 0`` (relative residual >= 1, not finite, or ``x = 0``: a CG breakdown at the first
 step), which would otherwise rank every unit by nothing.
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -32,16 +35,8 @@ from metaif_cli.progress import finish
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SolveResult", "build_dense_hessian", "solve_dense", "solve_cg", "power_iteration", "solve_neumann",
-           "solve_lissa", "solve", "check_converged", "check_usable"]
-
-METHODS = ("dense", "cg", "neumann", "lissa")
-_HINTS = {
-    "dense": "the damped Hessian is singular; add hessian.damping",
-    "cg": "raise solver.max_iter, add hessian.damping",
-    "neumann": "raise solver.terms, add hessian.damping",
-    "lissa": "raise solver.depth or solver.repeats, add hessian.damping",
-}
+__all__ = ["SolveResult", "SolverEntry", "SOLVERS", "build_dense_hessian", "solve_dense", "solve_cg",
+           "power_iteration", "solve_neumann", "solve_lissa", "solve", "check_converged", "check_usable"]
 
 
 def build_dense_hessian(hvp: Hvp, dim: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -170,18 +165,71 @@ def solve_cg(
     return SolveResult(x=best_x, iterations=iterations, residual=residual, converged=converged, method="cg")
 
 
-def solve(method: str, hvp: Any, b: torch.Tensor, damping: float, **kwargs: Any) -> SolveResult:
-    """Dispatch to the solver named ``method`` ("dense", "cg", "neumann", "lissa").
+@dataclass(frozen=True)
+class SolverEntry:
+    """One iHVP solver of the registry.
 
-    For ``lissa``, ``hvp`` is the sub-sampled ``(v, generator) -> H_t v`` callable.
+    Attributes:
+        help: One line for the reference (what it computes, method §2).
+        hint: What to change when it does not converge (ends every refusal).
+        run: ``(settings, hvp, hvp_subset, b, damping, generator, progress) -> SolveResult``, with
+            ``settings`` a :class:`~metaif_cli.influence.config.SolverConfig` (read by name).
+    """
+
+    help: str
+    hint: str
+    run: Callable[..., SolveResult]
+
+
+SOLVERS: dict[str, SolverEntry] = {
+    "cg": SolverEntry(
+        "conjugate gradients on Hessian-vector products (with auto damping: one Lanczos basis)",
+        "raise solver.max_iter, add hessian.damping",
+        lambda s, hvp, sub, b, d, gen, progress: solve_cg(hvp, b, d, max_iter=s.max_iter, tol=s.tol,
+                                                          progress=progress)),
+    "dense": SolverEntry(
+        "build the Hessian column by column and solve exactly (small models; the tests' oracle)",
+        "the damped Hessian is singular; add hessian.damping",
+        lambda s, hvp, sub, b, d, gen, progress: solve_dense(hvp, b, d)),
+    "neumann": SolverEntry(
+        "truncated Neumann series of solver.terms terms, scaled by power iteration",
+        "raise solver.terms, add hessian.damping",
+        lambda s, hvp, sub, b, d, gen, progress: solve_neumann(hvp, b, d, terms=s.terms, power_iters=s.power_iters,
+                                                               generator=gen, tol=s.tol, progress=progress)),
+    "lissa": SolverEntry(
+        "stochastic Neumann series on solver.lissa_tasks sampled tasks, averaged over solver.repeats",
+        "raise solver.depth or solver.repeats, add hessian.damping",
+        lambda s, hvp, sub, b, d, gen, progress: solve_lissa(sub, b, d, depth=s.depth, repeats=s.repeats,
+                                                             generator=gen, power_hvp=hvp, tol=s.tol,
+                                                             progress=progress)),
+}
+
+
+def solve(settings: Any, hvp: Hvp, b: torch.Tensor, damping: float, *, hvp_subset: Any = None,
+          generator: torch.Generator | None = None, progress: bool = False) -> SolveResult:
+    """``(H + delta I)^{-1} b`` by the solver ``settings.name`` of :data:`SOLVERS` (method §2).
+
+    Args:
+        settings: A :class:`~metaif_cli.influence.config.SolverConfig` (its solver's knobs are read).
+        hvp: ``v -> H v`` on flat ``[P]`` vectors.
+        b: Right-hand side, ``[P]``.
+        damping: ``delta >= 0``.
+        hvp_subset: ``(v, generator) -> H_t v`` on a task subsample (``lissa`` only).
+        generator: Seeds the random draws of ``neumann`` and ``lissa``.
+        progress: Show a progress bar.
 
     Raises:
-        MetaifError: If ``method`` is unknown.
+        MetaifError: If the solver is unknown.
     """
-    solvers = {"dense": solve_dense, "cg": solve_cg, "neumann": solve_neumann, "lissa": solve_lissa}
-    if method not in solvers:
-        raise MetaifError(f"unknown iHVP solver {method!r}; set solver.method to one of {', '.join(METHODS)}")
-    return solvers[method](hvp, b, damping, **kwargs)
+    entry = SOLVERS.get(settings.name)
+    if entry is None:
+        raise MetaifError(f"unknown iHVP solver {settings.name!r}; set solver.name to one of {', '.join(SOLVERS)}")
+    return entry.run(settings, hvp, hvp_subset, b, damping, generator, progress)
+
+
+def _hint(method: str) -> str:
+    entry = SOLVERS.get(method)
+    return entry.hint if entry is not None else "add hessian.damping"
 
 
 def check_converged(result: SolveResult, tol: float) -> None:
@@ -192,7 +240,7 @@ def check_converged(result: SolveResult, tol: float) -> None:
     """
     if result.residual <= tol:
         return
-    hint = _HINTS.get(result.method, "add hessian.damping")
+    hint = _hint(result.method)
     tol_text = f"{tol:.0e}" if float(f"{tol:.0e}") == tol else f"{tol:.2e}"
     raise MetaifError(
         f"iHVP solver {result.method!r} did not converge: relative residual {result.residual:.1e} "
@@ -213,7 +261,7 @@ def check_usable(result: SolveResult) -> None:
     zero = not bool(result.x.ne(0).any())
     if math.isfinite(result.residual) and result.residual < 1 and not zero:
         return
-    hint = _HINTS.get(result.method, "add hessian.damping")
+    hint = _hint(result.method)
     what = "returned s = 0" if zero else f"has relative residual {result.residual:.1e} (no better than s = 0)"
     raise MetaifError(f"iHVP solver {result.method!r} {what} after {result.iterations} iterations, so it cannot "
                       f"rank anything even with solver.allow_unconverged=true; {hint} (or hessian.auto_damping=true)")

@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -47,12 +47,18 @@ log = logging.getLogger(__name__)
 class TrajectoryConfig:
     """``method=trajectory`` settings (``trajectory.*``). ``segment``: at most this many steps'
     graphs held in memory at once (null: everything between two saved checkpoints; a smaller
-    value replays each gap once more without graphs to find the segment starts)."""
+    value replays each gap once more without graphs to find the segment starts). ``auto`` (the
+    default): as many steps as the score's ``chunk_budget_mb`` holds, a step holding one
+    meta-batch of tasks (:func:`metaif_cli.influence.chunking.task_bytes`); the scores do not
+    depend on it."""
 
-    segment: Optional[int] = None
+    segment: Any = "auto"  # "auto", null or a whole number of steps (Any: Hydra takes all three)
 
     def __post_init__(self) -> None:
-        if self.segment is not None:
+        if self.segment is not None and self.segment != "auto":
+            if isinstance(self.segment, bool) or not isinstance(self.segment, int):
+                raise MetaifError(f"trajectory.segment={self.segment!r} is not valid; use auto, null or a whole "
+                                  "number of steps such as trajectory.segment=20")
             positive("trajectory.segment", self.segment)
 
 

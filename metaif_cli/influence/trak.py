@@ -123,23 +123,31 @@ def _kept_projector(base):
     return KeptBasicProjector
 
 
-def set_batches(x: Tensor, y: Tensor, chunk: int):
-    """``(x_ctx, y_ctx, pos)`` for every instance of ``x [T, M, ...]``, ``chunk`` tasks at a time."""
-    t, m = y.shape
-    for start in range(0, t, chunk):
-        xs, ys = x[start : start + chunk], y[start : start + chunk]
-        k = xs.shape[0]
+def set_batches(tasks, role: str, chunk: int):
+    """``(x_ctx, y_ctx, pos)`` for every ``role`` instance of ``tasks``, ``chunk`` tasks at a time.
+
+    ``tasks``: a :class:`TaskBatch` or a pool gathering each chunk's images (float32) on indexing.
+    """
+    for start in range(0, len(tasks), chunk):
+        part = tasks[start : start + chunk]
+        xs, ys = (part.x_qry, part.y_qry) if role == "query" else (part.x_spt, part.y_spt)
+        xs = xs.float()
+        k, m = ys.shape
         x_ctx = xs[:, None].expand(k, m, *xs.shape[1:]).reshape(k * m, *xs.shape[1:])  # [k*M, M, C, H, W]
         y_ctx = ys[:, None].expand(k, m, m).reshape(k * m, m)
-        pos = torch.arange(m, device=y.device).repeat(k)
+        pos = torch.arange(m, device=ys.device).repeat(k)
         yield x_ctx, y_ctx, pos
 
 
-def target_probabilities(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Probability of each instance's label within its set, ``[T * M]`` (float64)."""
+def target_probabilities(model: nn.Module, tasks, chunk: int = 32) -> Tensor:
+    """Probability of each query instance's label within its set, ``[T * Q]`` (float64), ``chunk`` tasks at a time."""
+    out = []
     with torch.no_grad():
-        logits = vmap(model)(x)  # [T, M, ways]
-        return torch.softmax(logits.double(), -1).gather(-1, y[..., None]).reshape(-1)
+        for start in range(0, len(tasks), chunk):
+            part = tasks[start : start + chunk]
+            logits = vmap(model)(part.x_qry)  # [t, Q, ways]
+            out.append(torch.softmax(logits.double(), -1).gather(-1, part.y_qry[..., None]).reshape(-1))
+    return torch.cat(out)
 
 
 def trak_influence(model: nn.Module, checkpoints: list[Params], train: TaskBatch, test: TaskBatch, *,
@@ -189,7 +197,6 @@ def trak_influence(model: nn.Module, checkpoints: list[Params], train: TaskBatch
         kind = ProjectionType.normal if dev == "cpu" else ProjectionType.rademacher
         projector = _kept_projector(BasicProjector)(grad_dim=num_params, proj_dim=proj_dim, seed=seed,
                                                     proj_type=kind, device=dev, block_size=block)
-    x32 = {role: t.float() for role, t in (("query", train.x_qry), ("support", train.x_spt), ("test", test.x_qry))}
     with tempfile.TemporaryDirectory(prefix="metaif-trak-") as tmp:
         traker = TRAKer(model=net, task=_make_model_output(), train_set_size=n_train, save_dir=str(Path(tmp)),
                         load_from_save_dir=True, device=dev, projector=projector, proj_dim=proj_dim,
@@ -200,8 +207,8 @@ def trak_influence(model: nn.Module, checkpoints: list[Params], train: TaskBatch
         for model_id, params in enumerate(checkpoints):
             traker.load_checkpoint(_state(net, params), model_id=model_id)
             roles = [("query", train.y_qry)] + ([("support", train.y_spt)] if support else [])
-            for role, y in roles:
-                for batch in set_batches(x32[role], y, chunk):
+            for role, _ in roles:
+                for batch in set_batches(train, role, chunk):
                     traker.featurize(batch=batch, num_samples=batch[2].shape[0])
         traker.finalize_features()
         times["trak_featurize"] = time.perf_counter() - t0
@@ -210,11 +217,11 @@ def trak_influence(model: nn.Module, checkpoints: list[Params], train: TaskBatch
         for model_id, params in enumerate(checkpoints):
             traker.start_scoring_checkpoint(exp_name="test", checkpoint=_state(net, params),
                                             model_id=model_id, num_targets=n_targets)
-            for batch in set_batches(x32["test"], test.y_qry, chunk):
+            for batch in set_batches(test, "query", chunk):
                 traker.score(batch=batch, num_samples=batch[2].shape[0])
         tau = torch.as_tensor(np.array(traker.finalize_scores(exp_name="test")), dtype=torch.float64)  # [N, T]
         times["trak_score"] = time.perf_counter() - t0
-    p = target_probabilities(network_at(model, lam), test.x_qry, test.y_qry).cpu()  # [T]
+    p = target_probabilities(network_at(model, lam), test, chunk).cpu()  # [T * Q]
     a = tau @ (1 - p) / n_targets  # [N]
     if not torch.isfinite(a).all():
         raise MetaifError("trak produced NaN or inf scores: X^T X is singular; set trak.lambda_reg > 0 or lower "

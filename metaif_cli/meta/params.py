@@ -45,11 +45,7 @@ class FlatSpec:
         return out
 
 
-def tree_add(a: Mapping[str, Tensor], b: Mapping[str, Tensor], scale: float = 1.0) -> Params:
-    """``a + scale * b`` key by key."""
-    return {k: a[k] + scale * b[k] for k in a}
-
-
-def tree_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """Sum of elementwise products over all keys (a scalar tensor)."""
-    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
+def non_finite(params: Mapping[str, Tensor]) -> list[str]:
+    """Names of the tensors of ``params`` holding a NaN or an infinity (floating tensors only)."""
+    return [k for k, t in params.items()
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -12,13 +12,19 @@ from metaif_cli.errors import MetaifError
 
 MODELS = ("mlp", "cnn4", "custom")
 NORMS = ("batch", "group", "none")
+# Nonlinearities: relu (the default, MAML's) and smooth ones, whose training map has no kinks, so
+# that a first-order prediction of retraining (method §5, (5.4)) can be near exact.
+ACTIVATIONS = ("relu", "gelu", "softplus", "tanh")
+POOLS = ("max", "avg", "stride")
 
 
 @dataclass
 class ModelConfig:
     """The network: ``mlp``, ``cnn4`` (parameters named ``body.*`` and ``head.*``) or ``custom``.
 
-    ``init_seed``: seed of the initialisation alone (null: the run's ``seed``).
+    ``init_seed``: seed of the initialisation alone (null: the run's ``seed``). ``activation``: the
+    nonlinearity after every hidden layer; ``pool``: cnn4's down-sampling (``max``, ``avg`` (smooth),
+    or ``stride`` 2 convolutions).
     """
 
     name: str = "mlp"
@@ -27,6 +33,7 @@ class ModelConfig:
     norm: str = "none"
     groups: int = 4
     pool: str = "max"
+    activation: str = "relu"
     factory: Optional[str] = None  # custom: "package.module:make_net" or "path/to/file.py:make_net"
     kwargs: Any = None  # custom: dict of keyword arguments of the factory (Any: Hydra can set it whole)
     head: str = "fc"  # custom: name of the final nn.Linear (adapted alone by ANIL)
@@ -35,7 +42,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         choice("model.name", self.name, MODELS)
         choice("model.norm", self.norm, NORMS)
-        choice("model.pool", self.pool, ("max", "stride"))
+        choice("model.pool", self.pool, POOLS)
+        choice("model.activation", self.activation, ACTIVATIONS)
         integer("model.hidden", self.hidden, minimum=1)
         integer("model.layers", self.layers, minimum=1)
         integer("model.groups", self.groups, minimum=1)

@@ -11,6 +11,11 @@ their affine state copied (``torch.nn.functional.batch_norm`` gives wrong third-
 derivatives; running statistics are dropped: metaif normalises with the statistics of the
 batch at hand, as MAML does). A layer not known to be safe under third-order autodiff is
 refused with one line naming it.
+
+A run directory records its factory for checking only (:func:`trusted_factory`): reading a run
+imports the factory the user names on the command line (``factory=``) or one an installed
+package registers as an entry point of group ``metaif.models``, never one named by the run
+alone, so opening a crafted run directory cannot run code.
 """
 
 from __future__ import annotations
@@ -106,6 +111,48 @@ def load_factory(factory: str):
     if not callable(fn):
         raise MetaifError(f"model.factory={factory!r}: {where} has no callable {attr!r}")
     return fn
+
+
+ENTRY_POINT_GROUP = "metaif.models"  # [project.entry-points."metaif.models"] my_net = "my_pkg.nets:make_net"
+
+
+def registered_factories() -> set[str]:
+    """The factories (``module:function``) installed packages register in group ``metaif.models``
+    (read from their metadata: nothing is imported)."""
+    from importlib.metadata import entry_points
+
+    return {ep.value.replace(" ", "") for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _same_factory(a: str, b: str) -> bool:
+    where_a, _, attr_a = a.rpartition(":")
+    where_b, _, attr_b = b.rpartition(":")
+    if where_a.endswith(".py") and where_b.endswith(".py"):
+        return attr_a == attr_b and Path(where_a).expanduser().resolve() == Path(where_b).expanduser().resolve()
+    return a == b
+
+
+def trusted_factory(saved: str | None, given: str | None, run: str, setting: str = "factory") -> str:
+    """The factory a command may import to rebuild the ``model=custom`` run ``run`` whose files name ``saved``.
+
+    The run directory only names it; it is trusted when the user names the same factory
+    (``given``, from the command line or the API) or an installed package registers it
+    (entry point group ``metaif.models``). Nothing is imported here.
+
+    Raises:
+        MetaifError: ``given`` differs from ``saved``, or neither the user nor a package vouches for ``saved``.
+    """
+    saved = str(saved or "")
+    if given:
+        if not _same_factory(str(given), saved):
+            raise MetaifError(f"{setting}={given!r} is not the factory run {run} was trained with ({saved!r}); "
+                              f"pass {setting}={saved!r} or score the run your factory trained")
+        return saved
+    if saved and saved.replace(" ", "") in registered_factories():
+        return saved
+    raise MetaifError(f"run {run} uses model=custom with model.factory={saved!r}; metaif never imports code named "
+                      f"only by a run directory: if that factory is yours, pass {setting}={saved!r} (or register it "
+                      f"as an entry point of group {ENTRY_POINT_GROUP})")
 
 
 def _convert_norms(net: nn.Module) -> list[str]:

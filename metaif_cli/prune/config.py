@@ -7,7 +7,7 @@ from typing import Optional
 
 from metaif_cli.checks import choice, in_range, integer, non_empty, positive
 from metaif_cli.errors import MetaifError
-from metaif_cli.score.config import METHODS, ScoreConfig
+from metaif_cli.score.config import METHODS, RunDataConfig, ScoreConfig
 
 
 LDS_VARY = ("batch_order", "init", "both")
@@ -49,16 +49,44 @@ class LdsConfig:
 
 
 @dataclass
+class RetrainConfig:
+    """How retrainings are executed (:mod:`metaif_cli.prune.launch`); no number depends on it.
+
+    ``batch``: retrainings of the run trained together in one process as a stack of models
+    (:mod:`metaif_cli.train.batched`; each launcher job runs one such batch); 1 trains them
+    one at a time with the single-run loop; null (default): :data:`AUTO_BATCH` for ``model=mlp``
+    (the best K measured by ``scripts/bench_retrain.py`` on the fidelity MLPs), 1 for ``cnn4``
+    and custom models (not measured; their stacks take far more memory).
+    """
+
+    batch: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.batch is not None:
+            integer("retrain.batch", self.batch, minimum=1)
+
+    def size_for(self, model: str) -> int:
+        """The batch size used for a run of ``model`` (``model.name``)."""
+        if self.batch is not None:
+            return self.batch
+        return AUTO_BATCH if model == "mlp" else 1
+
+
+AUTO_BATCH = 64  # scripts/results/bench_retrain.csv: the fastest K on the digits fidelity MLP
+
+
+@dataclass
 class PruneConfig:
     """Root of ``metaif prune-and-retrain`` (``conf/prune_and_retrain/prune_and_retrain.yaml``)."""
 
     run: str = "???"
+    data: RunDataConfig = field(default_factory=RunDataConfig)
     scores: Optional[str] = None
     protocol: str = "remove"
     unit: str = "task"
-    methods: list[str] = field(default_factory=lambda: ["if", "random", "loss", "direct_if", "grad_sim",
-                                                          "tracin", "oracle"])
-    fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5])
+    # sized for a first look (3 retrainings); the paper's E1 grid is experiment=e1_tasks
+    methods: list[str] = field(default_factory=lambda: ["if", "random", "loss"])
+    fractions: list[float] = field(default_factory=lambda: [0.2])
     update: str = "retrain"
     grad_ascent_steps: int = 5
     grad_ascent_lr: float = 1e-3
@@ -70,6 +98,7 @@ class PruneConfig:
     lds: LdsConfig = field(default_factory=LdsConfig)
     launcher: str = "sequential"
     n_jobs: int = 2
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     seed: int = 0
     progress: bool = True

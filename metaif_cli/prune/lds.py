@@ -45,7 +45,8 @@ import pandas as pd
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.io import load_json, save_csv, save_json
+from metaif_cli.io import load_json, resolved_path, save_csv, save_json
+from metaif_cli.prune import report
 from metaif_cli.prune.launch import IGNORED_KEYS, RetrainJob
 from metaif_cli.prune.loo import load_lam
 from metaif_cli.prune.lds_predictions import method_scores, predictions
@@ -104,7 +105,7 @@ def _digest(obj) -> str:
 def retrain_root(cfg, run_dir: Path, train_config: dict, out_dir: Path) -> Path:
     """Where the LDS retrainings of this run live (shared by every method, setting and rerun)."""
     if cfg.lds.retrain_dir:
-        base = Path(cfg.lds.retrain_dir)
+        base = Path(resolved_path(cfg.lds.retrain_dir))  # ~ and $VAR expanded
     else:
         base = out_dir.parent / "lds-retrains"
     plain = {k: v for k, v in train_config.items() if k not in IGNORED_KEYS}
@@ -274,6 +275,8 @@ def lds_protocol(ctx, gather: Callable) -> dict:
     log.info("LDS by method (ceiling %.3f, null band +-%.3f, sd of f: full pool over seeds %s, across subsets "
              "%.4f):\n%s", ceiling, summary["null_band"], summary["sd_f_full_over_seeds"],
              summary["sd_target_across_subsets"], compact(table))
+    lines = report.write_lds_summary(ctx.out_dir, table, preds, mean_target, summary["null_band"], lcfg.bootstrap, cfg.seed)
+    log.info("conclusion (also in %s):\n%s", C.SUMMARY_MD, "\n".join(lines[2:]))
     return {**summary, "results": table}
 
 

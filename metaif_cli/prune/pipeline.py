@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from metaif_cli import constants as C
-from metaif_cli.io import clean_stale_temporaries, load_json, save_json
+from metaif_cli.io import clean_stale_temporaries, load_json, resolved_path, save_json
+from metaif_cli.ownership import check_foreign, owned_dir
 from metaif_cli.prune import report
 from metaif_cli.prune.launch import launch
 from metaif_cli.prune.lds import lds_protocol
@@ -70,26 +71,33 @@ class Context:
 
     def launch(self, jobs):
         c = self.cfg
-        return launch(jobs, c.launcher, c.n_jobs, self.out_dir / "submitit", c.progress)
+        return launch(jobs, c.launcher, c.n_jobs, self.out_dir / "submitit", c.progress, batch=c.retrain.size_for(self.run.train_cfg.model.name))
 
 
 def prune_and_retrain(cfg: PruneConfig, out_dir: Path, before_write: Callable[[], None] | None = None) -> dict:
     """Run ``metaif prune-and-retrain`` into ``out_dir``; return the summary written there.
 
     Everything is checked before the first write or any scoring (:mod:`metaif_cli.prune.preflight`,
-    and ``scores=`` is read in full); ``before_write`` runs then (Hydra's ``.hydra/``).
+    and ``scores=`` is read in full); ``before_write`` runs then (Hydra's ``.hydra/``). The folder
+    is held by this command alone from the first read to the last write.
     """
-    run = load_run(Path(cfg.run), cfg.score.device, cfg.score.dtype)
+    with owned_dir(out_dir, "prune-and-retrain"):
+        return _prune_and_retrain(cfg, out_dir, before_write)
+
+
+def _prune_and_retrain(cfg: PruneConfig, out_dir: Path, before_write: Callable[[], None] | None) -> dict:
+    run = load_run(cfg.run, cfg.score.device, cfg.score.dtype, data=cfg.data, factory=cfg.score.factory)
     pool = run.exp.pools["train"]
     tasks_csv = read_tasks_csv(run)
     units = all_units(len(pool), pool.spt_idx.shape[1], pool.qry_idx.shape[1], cfg.unit)
+    check_foreign(out_dir, "prune-and-retrain", run.run_dir)
     check_prune(cfg, run, units, out_dir)
-    given = read_scores_dir(Path(cfg.scores), run, cfg.unit) if cfg.scores else None
+    given = read_scores_dir(Path(resolved_path(cfg.scores)), run, cfg.unit) if cfg.scores else None
     if before_write is not None:
         before_write()
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out_dir)  # left by a killed earlier run (retrainings included)
-    save_json(dataclasses.asdict(cfg), out_dir / C.PRUNE_CONFIG_JSON)
+    save_json({**dataclasses.asdict(cfg), "run_fingerprint": run.fingerprint}, out_dir / C.PRUNE_CONFIG_JSON)
     ctx = Context(cfg, out_dir, run, corrupted_flags(tasks_csv, cfg.unit), units, given)
     if cfg.protocol == "lds":
         return lds_protocol(ctx, gather_rankings)
@@ -146,8 +154,9 @@ def retrain_by_loo(ctx: Context) -> Ranking:
 def remove_protocol(ctx: Context) -> dict:
     """Remove the most harmful fractions by every method, update, evaluate, report."""
     cfg, run = ctx.cfg, ctx.run
-    rankings = gather_rankings(ctx, cfg.methods)
     n = len(ctx.units)
+    log.info("%s", report.plan_text(cfg, n, report.own_train_seconds(run.run_dir)))
+    rankings = gather_rankings(ctx, cfg.methods)
     plan = [(m, f, select(rankings[m], f, n)) for m in cfg.methods for f in cfg.fractions]
     base = _baseline_metrics(ctx)
     rows = [_row(ctx, "none", 0.0, [], base, 0.0, float(base["train_seconds"]) if cfg.update == "retrain" else 0.0)]
@@ -155,7 +164,7 @@ def remove_protocol(ctx: Context) -> dict:
     if cfg.update == "retrain" and cfg.retrain_seeds > 1:
         rows, extra = _remove_over_seeds(ctx, plan, rankings, base)
     elif cfg.update == "retrain":
-        jobs = [retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}") for m, f, units in plan]
+        jobs = [retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}", progress=cfg.progress) for m, f, units in plan]
         for (m, f, units), res in zip(plan, ctx.launch(jobs)):
             rows.append(_row(ctx, m, f, units, res, rankings[m].seconds, float(res["train_seconds"])))
     else:
@@ -171,6 +180,9 @@ def remove_protocol(ctx: Context) -> dict:
                    else grad_ascent(run, units, cfg.grad_ascent_steps, cfg.grad_ascent_lr))
             seconds = time.perf_counter() - t0
             rows.append(_row(ctx, m, f, units, evaluate(run, lam), rankings[m].seconds, seconds))
+    if "test_acc_by_retraining" not in extra:  # one model per row
+        extra["test_acc_by_retraining"] = {f"{r['method']}@{r['fraction']:g}": [r["test_acc"]] for r in rows[1:]}
+        extra["unpruned_test_acc_by_retraining"] = [rows[0]["test_acc"]]
     results = pd.DataFrame(rows)
     title = f"{run.run_dir.name}: {cfg.unit} removal ({cfg.update})"
     paths = report.write_prune_outputs(ctx.out_dir, results, title)
@@ -182,9 +194,12 @@ def remove_protocol(ctx: Context) -> dict:
                "rankings": {m: {"seconds": r.seconds, "source": r.source, "column": r.column}
                             for m, r in rankings.items()},
                "outputs": paths, **extra}
+    lines = report.write_remove_summary(ctx.out_dir, summary, cfg.retrain_seeds if cfg.update == "retrain" else 1)
+    summary["outputs"]["summary"] = str(ctx.out_dir / C.SUMMARY_MD)
     save_json(summary, ctx.out_dir / C.PRUNE_SUMMARY_JSON)
     columns = report.PRUNE_COLUMNS + [c for c in report.SEED_COLUMNS if c in results]
     log.info("test accuracy by method and fraction removed:\n%s", report.compact(results[columns]))
+    log.info("conclusion (also in %s):\n%s", C.SUMMARY_MD, "\n".join(lines))
     return {**summary, "results": results[columns]}
 
 
@@ -199,9 +214,10 @@ def _remove_over_seeds(ctx: Context, plan: list, rankings: dict[str, Ranking], b
     """
     cfg, run = ctx.cfg, ctx.run
     variants = seed_variants(run.train_cfg, cfg.retrain_seeds, cfg.seed, "batch_order")
-    jobs = [with_seeds(retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}{v.suffix}"), v)
+    jobs = [with_seeds(retrain_job(run, units, ctx.retrain_root / f"{m}-{f:g}{v.suffix}", progress=cfg.progress), v)
             for v in variants for m, f, units in plan]
-    jobs += [with_seeds(retrain_job(run, [], ctx.retrain_root / f"none{v.suffix}"), v) for v in variants[1:]]
+    jobs += [with_seeds(retrain_job(run, [], ctx.retrain_root / f"none{v.suffix}", progress=cfg.progress), v)
+             for v in variants[1:]]
     results = ctx.launch(jobs)
     k = len(plan)
     per_plan = [[results[r * k + j] for r in range(len(variants))] for j in range(k)]
@@ -221,7 +237,10 @@ def _remove_over_seeds(ctx: Context, plan: list, rankings: dict[str, Ranking], b
         rows.append({**_row(ctx, m, f, units, metrics, rankings[m].seconds, seconds), "retrain_seeds": len(variants),
                      "test_acc_sd_seeds": metrics["test_acc_sd_seeds"]})
     extra = {"retrain_seeds": len(variants), "seed_variants": [v.as_dict() for v in variants],
-             "unpruned_test_acc_sd_seeds": base_metrics["test_acc_sd_seeds"]}
+             "unpruned_test_acc_sd_seeds": base_metrics["test_acc_sd_seeds"],
+             "test_acc_by_retraining": {f"{m}@{f:g}": [float(r["test_acc"]) for r in res]
+                                        for (m, f, _), res in zip(plan, per_plan)},
+             "unpruned_test_acc_by_retraining": [float(r["test_acc"]) for r in baseline]}
     log.info("unpruned model over %d batch orders: test accuracy %.4f, sd %.4f", len(variants),
              base_metrics["test_acc"], base_metrics["test_acc_sd_seeds"])
     return rows, extra

@@ -7,6 +7,10 @@
   (random selection, oracle order, unit samples); ``retrain_seconds`` is the time of the
   update (training loop of the retraining, or the edit); ``removed_corrupted_fraction``
   is the share of all recorded corrupted units that were removed (recall, E3).
+- ``summary.md``: the conclusion in words: per method and fraction, the accuracy difference against
+  ``random`` and against keeping everything, with its interval over retrainings and the word
+  tie / better / worse (:mod:`metaif_cli.reports.verdicts`); printed at the end too. Before the
+  work, :func:`plan_text` says how many retrainings will run and about how long they take.
 - ``accuracy_vs_fraction.png``; ``main_table.csv``/``.md``: per method, accuracy after
   removing 40% (or the nearest fraction run) and the selection runtime (the paper's table).
 - ``detection_curve_<unit>.png`` when corruption is recorded: fraction of the corrupted
@@ -26,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 from metaif_cli import constants as C
-from metaif_cli.io import save_csv, save_json, write_text
+from metaif_cli.errors import MetaifError
+from metaif_cli.io import load_json, save_csv, save_json, write_text
 from metaif_cli.reports.agreement import correlation_summary
 
 PRUNE_COLUMNS = ["method", "unit", "fraction", "update", "seed", "test_acc", "test_acc_ci95", "test_loss",
@@ -36,6 +41,76 @@ SEED_COLUMNS = ["retrain_seeds", "test_acc_sd_seeds"]  # with retrain_seeds > 1 
 LOO_COLUMNS = ["unit_id", "unit", "pred_delta_test_loss", "actual_delta_test_loss", "retrain", "cos_delta_lam",
                "norm_ratio_delta_lam"]
 MAIN_COLUMNS = ["method", "fraction", "test_acc", "test_acc_ci95", "selection_seconds"]
+
+
+def own_train_seconds(run_dir: Path) -> float | None:
+    """The run's own training time (``results.json``): the unit of the plan's estimate (None: not recorded)."""
+    try:
+        value = load_json(run_dir / C.RESULTS_JSON, "rerun metaif train").get("train_seconds")
+    except MetaifError:
+        return None
+    return float(value) if value else None
+
+
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{seconds:.0f} s" if minutes < 2 else (f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h")
+
+
+def _count(k: int, word: str) -> str:
+    return f"{k} {word}" + ("" if k == 1 else "s")
+
+
+def plan_text(cfg, n_units: int, train_seconds: float | None) -> str:
+    """What ``protocol=remove`` is about to do: the number of retrainings and an estimate of their time."""
+    methods, fractions = cfg.methods, cfg.fractions
+    rows = len(methods) * len(fractions)
+    head = (f"plan: {_count(len(methods), 'method')} ({', '.join(methods)}) x {_count(len(fractions), 'fraction')} "
+            f"({', '.join(f'{f:g}' for f in fractions)}) of {n_units} {cfg.unit} units")
+    if cfg.update != "retrain":
+        return f"{head}: {rows} {cfg.update} updates, no retraining"
+    seeds = cfg.retrain_seeds
+    count = rows * seeds + (seeds - 1) + (cfg.retrain_subset or n_units if "retrain" in methods else 0)
+    parallel = cfg.n_jobs if cfg.launcher == "joblib" else 1
+
+    def cost(k: int) -> str:
+        if not train_seconds:
+            return "time unknown (the run records no training time)"
+        return (f"about {_duration(k * train_seconds / parallel)} at {train_seconds:.0f} s each (the run's own "
+                f"training time{f', {parallel} in parallel' if parallel > 1 else ''})")
+
+    text = f"{head} x {_count(seeds, 'batch order')} = {count} retrainings, {cost(count)}, plus scoring; finished ones are skipped"
+    if seeds == 1:
+        more = rows * 3 + 2 + (cfg.retrain_subset or n_units if "retrain" in methods else 0)
+        text += (f". One retraining per row gives no interval: retrain_seeds=3 gives a tie/better/worse verdict "
+                 f"({more} retrainings, {cost(more)})")
+    return text
+
+
+def write_remove_summary(out_dir: Path, summary: dict, retrain_seeds: int) -> list[str]:
+    """``summary.md`` of ``protocol=remove``: the verdicts; returns its lines."""
+    from metaif_cli.reports.verdicts import remove_conclusion
+
+    by_row = {(key.rsplit("@", 1)[0], float(key.rsplit("@", 1)[1])): acc
+              for key, acc in summary["test_acc_by_retraining"].items()}
+    lines = [f"# metaif prune-and-retrain: {summary['unit']} removal, update={summary['update']}", ""]
+    lines += remove_conclusion(by_row, summary["unpruned_test_acc_by_retraining"], summary["unit"], retrain_seeds)
+    if summary.get("n_corrupted"):
+        lines += ["", f"The pool holds {summary['n_corrupted']} recorded corrupted {summary['unit']} units; "
+                  "`removed_corrupted_fraction` in prune_results.csv says how many each removal found."]
+    write_text("\n".join(lines) + "\n", out_dir / C.SUMMARY_MD)
+    return lines
+
+
+def write_lds_summary(out_dir: Path, table: pd.DataFrame, preds: dict, target: np.ndarray, null_band: float,
+                      bootstrap: int, seed: int) -> list[str]:
+    """``summary.md`` of ``protocol=lds``: each method against the null band, which methods are separable."""
+    from metaif_cli.reports.verdicts import lds_conclusion
+
+    lines = ["# metaif prune-and-retrain: protocol=lds", ""]
+    lines += lds_conclusion(table.to_dict("records"), preds, target, null_band, bootstrap, seed)
+    write_text("\n".join(lines) + "\n", out_dir / C.SUMMARY_MD)
+    return lines
 
 
 def nearest_fraction(fractions: list[float], target: float = 0.4) -> float:
@@ -82,7 +157,9 @@ def write_prune_outputs(out_dir: Path, results: pd.DataFrame, title: str) -> dic
     baseline = results[results.method == "none"]
     curves = pd.concat([results[results.method != "none"]]
                        + [baseline.assign(method=m) for m in results.method.unique() if m != "none"])
-    plot_accuracy_vs_fraction(curves, out_dir / C.ACCURACY_PNG, title)
+    seeds = int(results["retrain_seeds"].max()) if "retrain_seeds" in results else 1
+    plot_accuracy_vs_fraction(curves, out_dir / C.ACCURACY_PNG, title,
+                              f"{seeds} retrainings (batch orders)" if seeds > 1 else "test tasks (one retraining)")
     return {"prune_results": str(out_dir / C.PRUNE_RESULTS_CSV), "main_table": str(out_dir / C.MAIN_TABLE_MD),
             "accuracy_plot": str(out_dir / C.ACCURACY_PNG)}
 

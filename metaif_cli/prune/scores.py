@@ -17,15 +17,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.io import load_json, read_csv, save_csv, save_json
+from metaif_cli.io import load_json, read_csv, save_csv, save_json, unreadable
 from metaif_cli.prune.config import PruneConfig
 from metaif_cli.score.config import ScoreConfig, settings_of
 from metaif_cli.score.methods import run_method
-from metaif_cli.score.outputs import instance_table, score_column, task_table
+from metaif_cli.score.outputs import check_recorded, instance_table, score_column, task_table
 from metaif_cli.score.run import LoadedRun, read_tasks_csv
 
 log = logging.getLogger(__name__)
@@ -102,19 +103,34 @@ def read_scores_dir(scores_dir: Path, run: LoadedRun, kind: str) -> Ranking:
         raise MetaifError(f"{scores_dir} holds no {C.SCORE_JSON}; pass scores=<a directory written by metaif score>")
     fix = f"rerun the metaif score command that wrote {scores_dir} (or pass no scores=)"
     summary = load_json(summary_path, fix, keys=("run", "method", "total_seconds"))
+    seconds = summary["total_seconds"]
+    if not (isinstance(summary["run"], str) and isinstance(summary["method"], str)
+            and isinstance(seconds, (int, float)) and not isinstance(seconds, bool)):
+        raise unreadable(summary_path, fix, ValueError("'run' and 'method' must be text and 'total_seconds' a number"))
     if Path(summary["run"]).resolve() != run_dir.resolve():
         raise MetaifError(f"the scores in {scores_dir} were computed for run={summary['run']}, not {run_dir}; "
                           "pass the matching run= or score this run first")
+    if "run_fingerprint" not in summary:  # written by an older metaif: nothing to check against
+        log.warning("the scores in %s record no fingerprint of the run they were computed from; using them as they "
+                    "are (rescore with overwrite=true to have them checked)", scores_dir)
+    elif summary["run_fingerprint"] != run.fingerprint:
+        raise MetaifError(f"the scores in {scores_dir} were computed from another version of {run_dir} (its "
+                          f"{C.MODEL_PT} or {C.TASKS_CSV} changed since); rerun metaif score run={run_dir} into it "
+                          "with overwrite=true, or pass no scores=")
     method = summary["method"]
     tasks_path, inst_path = scores_dir / C.TASK_SCORES_CSV, scores_dir / C.INSTANCE_SCORES_CSV
     pool = run.exp.pools["train"]
     col = score_column(method)
     tasks_df = inst_df = None
+    check_recorded(tasks_path if kind == "task" else inst_path, summary, fix)
     if kind == "task" and tasks_path.exists():
         tasks_df = read_csv(tasks_path, fix, columns=("task_id", col, "rank", "corrupted"), rows=len(pool))
     if kind != "task" and inst_path.exists():
         inst_df = read_csv(inst_path, fix, columns=("task_id", "role", "position", col, "rank", "corrupted"),
                            rows=len(pool) * (pool.spt_idx.shape[1] + pool.qry_idx.shape[1]))
+    for path, frame in ((tasks_path, tasks_df), (inst_path, inst_df)):
+        if frame is not None and not np.isfinite(pd.to_numeric(frame[col], errors="coerce")).all():
+            raise unreadable(path, fix, ValueError(f"column {col} holds non-finite scores"))
     table = table_of(tasks_df, inst_df, method, kind)
     return Ranking(method, table, score_column(method), float(summary["total_seconds"]), str(scores_dir),
                    settings=summary.get("settings"))

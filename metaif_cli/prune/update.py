@@ -84,7 +84,7 @@ def grad_ascent(run: LoadedRun, units: list[Unit], steps: int, lr: float) -> Par
     exp = run.exp
     n = len(exp.pools["train"])
     tasks = torch.tensor(sorted({u.task_id for u in units}))
-    batch = exp.pools["train"].batch(exp.images, tasks)
+    batch = exp.pools["train"].batch(exp.images, tasks, exp.dtype)
     full = {k: t[tasks].to(exp.device, exp.dtype) for k, t in run.weights.items()}
     removed = {k: t[tasks].to(exp.device, exp.dtype) for k, t in weights_without(run.weights, units).as_dict().items()}
     with_r, without_r = batch.with_weights(**full), batch.with_weights(**removed)

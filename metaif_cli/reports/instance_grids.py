@@ -55,8 +55,13 @@ def _draw_images(
 
 
 def _wrap(caption: str, width: int = 24) -> str:
-    """Wrap each line of a caption so that neighbouring captions do not overlap."""
-    return "\n".join(textwrap.fill(line, width) or line for line in caption.split("\n"))
+    """Wrap each line of a caption between words (and after ``/`` or ``_``), never inside a word, so
+    that neighbouring captions do not overlap and names such as ``Alphabet_of_the_Magi`` stay readable."""
+    def fill(line: str) -> str:
+        spaced = line.replace("/", "/\u200b").replace("_", "_\u200b")  # zero-width break points
+        parts = textwrap.wrap(spaced.replace("\u200b", " "), width, break_long_words=False, break_on_hyphens=False)
+        return "\n".join(p.replace("/ ", "/").replace("_ ", "_") for p in parts) or line
+    return "\n".join(fill(line) for line in caption.split("\n"))
 
 
 def _grid_size(m: int, ncols: int) -> tuple[float, float]:
@@ -100,8 +105,10 @@ def plot_harmful_helpful_grid(
     helpful_captions: list[str],
     path: str | os.PathLike,
     ncols: int = 8,
+    legend: str | None = None,
+    column: str = "pred_delta_test_loss",
 ) -> Path:
-    """Two titled blocks of instances: most harmful on top, most helpful below.
+    """Two titled blocks of instances: most harmful on top, most helpful below, a legend under them.
 
     Args:
         harmful_images: ``[m1, C, H, W]`` in [0, 1].
@@ -110,6 +117,8 @@ def plot_harmful_helpful_grid(
         helpful_captions: ``m2`` captions.
         path: where to write the PNG.
         ncols: images per row.
+        legend: a line under the figure explaining the captions (None: none).
+        column: the score column, named in the block titles.
 
     Returns:
         The path written.
@@ -118,11 +127,14 @@ def plot_harmful_helpful_grid(
     m2 = int(np.asarray(helpful_images).shape[0])
     w1, h1 = _grid_size(m1, ncols)
     w2, h2 = _grid_size(m2, ncols)
-    fig = plt.figure(figsize=(max(w1, w2), h1 + h2 + 0.8))
-    top, bottom = fig.subfigures(2, 1, height_ratios=[h1, h2])
+    extra = 0.8 if legend else 0.0
+    fig = plt.figure(figsize=(max(w1, w2), h1 + h2 + 0.8 + extra))
+    top, bottom, foot = fig.subfigures(3, 1, height_ratios=[h1, h2, 0.01 + extra])
     _draw_images(top, harmful_images, harmful_captions, ncols)
-    top.suptitle("most harmful (most negative pred_delta_test_loss)")
+    top.suptitle(f"most harmful (most negative {column})")
     _draw_images(bottom, helpful_images, helpful_captions, ncols)
-    bottom.suptitle("most helpful (most positive pred_delta_test_loss)")
+    bottom.suptitle(f"most helpful (most positive {column})")
+    if legend:
+        foot.text(0.5, 0.5, textwrap.fill(legend, 140), ha="center", va="center", fontsize=8)
     save_figure(fig, path)
     return Path(path)

@@ -21,7 +21,8 @@ from metaif_cli.reports.figures import SCORE_LABEL, plt
 __all__ = ["plot_accuracy_vs_fraction", "plot_pred_vs_actual"]
 
 
-def plot_accuracy_vs_fraction(df: pd.DataFrame, path: str | os.PathLike, title: str) -> Path:
+def plot_accuracy_vs_fraction(df: pd.DataFrame, path: str | os.PathLike, title: str,
+                              interval: str = "test tasks") -> Path:
     """Test accuracy against fraction of units removed, one line per method.
 
     Args:
@@ -29,6 +30,7 @@ def plot_accuracy_vs_fraction(df: pd.DataFrame, path: str | os.PathLike, title: 
             half-width, e.g. from :func:`metaif_cli.reports.intervals.mean_ci95`).
         path: where to write the PNG.
         title: figure title.
+        interval: what the 95% intervals are over (``test tasks``, ``3 retrainings``), said on the figure.
 
     Returns:
         The path written.
@@ -46,10 +48,10 @@ def plot_accuracy_vs_fraction(df: pd.DataFrame, path: str | os.PathLike, title: 
         line = ax.errorbar(x, y, yerr=ci, marker="o", markersize=4, capsize=3,
                            label=str(method))
         ax.fill_between(x, y - ci, y + ci, color=line[0].get_color(), alpha=0.15)
-    ax.set_xlabel("fraction of units removed")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    ax.legend()
+    ax.set_xlabel("fraction of units removed (0: the unpruned model)")
+    ax.set_ylabel("meta-test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.legend(title=f"bars: 95% interval over {interval}", title_fontsize=8, fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
     return Path(path)

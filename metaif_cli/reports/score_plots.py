@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from metaif_cli.io import save_figure
 from metaif_cli.reports.figures import SCORE_LABEL, plt
@@ -19,47 +20,82 @@ from metaif_cli.reports.figures import SCORE_LABEL, plt
 __all__ = ["plot_score_distribution", "plot_detection_curve"]
 
 
+def _bins(values: np.ndarray, count: int = 40) -> np.ndarray:
+    """Bin edges over the central 98% of ``values`` (and zero): a few extreme units do not squeeze the
+    rest into one bar; the units beyond are drawn in the end bars."""
+    if not values.size:
+        return np.linspace(-1.0, 1.0, count + 1)
+    low, high = np.percentile(values, [1, 99])
+    low, high = min(low, 0.0), max(high, 0.0)
+    if high <= low:
+        low, high = low - 1.0, high + 1.0
+    return np.linspace(low, high, count + 1)
+
+
+def _panel(ax, scores: np.ndarray, corrupted: np.ndarray | None, title: str, xlabel: str) -> None:
+    finite = np.isfinite(scores)
+    bins = _bins(scores[finite])
+    clipped = np.clip(scores, bins[0], bins[-1])
+    outside = int((finite & ((scores < bins[0]) | (scores > bins[-1]))).sum())
+    if corrupted is None:
+        ax.hist(clipped[finite], bins=bins, color="tab:blue", alpha=0.8, label=f"all units (n={int(finite.sum())})")
+    else:
+        clean, bad = finite & ~corrupted, finite & corrupted
+        ax.hist(clipped[clean], bins=bins, color="tab:blue", alpha=0.6, label=f"clean (n={int(clean.sum())})")
+        ax.hist(clipped[bad], bins=bins, color="tab:red", alpha=0.6, label=f"corrupted (n={int(bad.sum())})")
+    ax.axvline(0.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_yscale("log")  # the tails, where the harmful and helpful units are, stay visible
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("number of units (log scale)")
+    ax.set_title(title, fontsize=10)
+    if outside:
+        ax.text(0.99, 0.98, f"{outside} units beyond the 1-99% range\ndrawn in the end bars",
+                transform=ax.transAxes, ha="right", va="top", fontsize=7)
+    ax.legend(loc="upper left", fontsize=8)
+
+
 def plot_score_distribution(
     scores: np.ndarray,
     corrupted: np.ndarray | None,
     path: str | os.PathLike,
     title: str,
+    groups: np.ndarray | None = None,
+    xlabel: str = SCORE_LABEL,
 ) -> Path:
-    """Histogram of ``pred_delta_test_loss``, clean and corrupted units overlaid.
+    """Histogram of the scores, clean and corrupted units overlaid, one panel per group.
+
+    The bins span the central 98% of each panel's scores (the rest fall in the end bars, and
+    the figure says how many) and the counts are on a log scale, so that neither a few extreme
+    units nor the crowd near zero hide the tails.
 
     Args:
         scores: ``[n]`` scores.
         corrupted: ``[n]`` boolean corruption flags, or None when unknown (one histogram).
         path: where to write the PNG.
         title: figure title.
+        groups: ``[n]`` group names (e.g. the role, ``support``/``query``): one panel each;
+            None: one panel.
+        xlabel: the x axis (the score column and its sign).
 
     Returns:
         The path written.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    finite = np.isfinite(scores)
-    bins = np.histogram_bin_edges(scores[finite], bins=40) if finite.any() else 10
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if corrupted is None:
-        ax.hist(scores[finite], bins=bins, color="tab:blue", alpha=0.8, label="all units")
-    else:
+    if corrupted is not None:
         corrupted = np.asarray(corrupted).reshape(-1).astype(bool)
         if corrupted.shape != scores.shape:
             raise ValueError(
                 f"corrupted has {corrupted.size} flags for {scores.size} scores; "
                 "pass one flag per unit or None."
             )
-        clean = finite & ~corrupted
-        bad = finite & corrupted
-        ax.hist(scores[clean], bins=bins, color="tab:blue", alpha=0.6,
-                label=f"clean (n={int(clean.sum())})")
-        ax.hist(scores[bad], bins=bins, color="tab:red", alpha=0.6,
-                label=f"corrupted (n={int(bad.sum())})")
-    ax.axvline(0.0, color="black", linewidth=0.8, linestyle=":")
-    ax.set_xlabel(SCORE_LABEL)
-    ax.set_ylabel("number of units")
-    ax.set_title(title)
-    ax.legend()
+    names = [None] if groups is None else list(dict.fromkeys(np.asarray(groups).reshape(-1).tolist()))
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        keep = np.ones(scores.shape, bool) if name is None else np.asarray(groups).reshape(-1) == name
+        _panel(ax, scores[keep], None if corrupted is None else corrupted[keep],
+               title if name is None else f"{title}: {name}", xlabel)
     save_figure(fig, path)
     return Path(path)
 

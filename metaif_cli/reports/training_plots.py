@@ -1,9 +1,10 @@
 """Meta-training curves of ``metaif train`` (SPEC section 1): training loss and validation
-accuracy against the step.
+accuracy against the step, with chance level marked (``ln N`` and ``1/N`` for N-way tasks).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from metaif_cli.reports.figures import plt
 __all__ = ["plot_training_curves"]
 
 
-def plot_training_curves(metrics_df: pd.DataFrame, path: str | os.PathLike) -> Path:
+def plot_training_curves(metrics_df: pd.DataFrame, path: str | os.PathLike, ways: int | None = None) -> Path:
     """Meta-training curves: loss (train and val) and validation accuracy.
 
     Args:
@@ -23,6 +24,8 @@ def plot_training_curves(metrics_df: pd.DataFrame, path: str | os.PathLike) -> P
             may be NaN on rows where no validation ran, and any of the three metric
             columns may be absent.
         path: where to write the PNG.
+        ways: classes per task: chance level is drawn (loss ``ln N``, accuracy ``1/N``) and the
+            accuracy axis spans [0, 1], so a flat line at chance cannot pass for learning.
 
     Returns:
         The path written.
@@ -48,6 +51,11 @@ def plot_training_curves(metrics_df: pd.DataFrame, path: str | os.PathLike) -> P
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_title("accuracy")
+    if ways:
+        ax_loss.axhline(math.log(ways), color="grey", linestyle="--", label=f"chance (ln {ways})")
+        ax_acc.axhline(1.0 / ways, color="grey", linestyle="--", label=f"chance (1/{ways})")
+        ax_acc.set_ylim(0.0, 1.02)
+        ax_loss.set_ylim(bottom=0.0)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

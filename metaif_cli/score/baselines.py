@@ -16,11 +16,10 @@ import torch
 
 from metaif_cli.errors import MetaifError
 from metaif_cli.influence.compute import ScoreOutput
-from metaif_cli.io import load_torch
 from metaif_cli.meta.params import Params
-from metaif_cli.meta.tasks import TaskBatch
+from metaif_cli.data.gather import PoolTasks
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import checkpoint_paths
+from metaif_cli.score.run import checkpoint_paths, load_checkpoint, task_chunk
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +27,13 @@ LIBRARY_METHODS = ("ekfac_if", "trak")
 KRONFLUENCE_DIR = "kronfluence"
 
 
-def pools(run, cfg: ScoreConfig) -> tuple[TaskBatch, TaskBatch]:
+def pools(run, cfg: ScoreConfig) -> tuple[PoolTasks, PoolTasks]:
     """The weighted training pool and the first ``evaluation.num_tasks`` meta-test tasks."""
     exp = run.exp
-    train = exp.pools["train"].batch(exp.images).with_weights(
-        **{k: t.to(exp.device, exp.dtype) for k, t in run.weights.items()})
+    train = exp.tasks("train", weights=run.weights)  # gathered per chunk: the pool's images stay compact
     test_pool = exp.pools["test"]
     m = min(cfg.evaluation.num_tasks or len(test_pool), len(test_pool))
-    return train, test_pool.batch(exp.images, torch.arange(m))
+    return train, exp.tasks("test", torch.arange(m))
 
 
 def trak_checkpoint_paths(run, count: int) -> list[Path]:
@@ -51,8 +49,8 @@ def trak_checkpoints(run, count: int) -> list[Params]:
     """``lam`` and the latest ``count - 1`` intermediate checkpoints of the run."""
     out = [run.lam]
     for path in reversed(trak_checkpoint_paths(run, count)):
-        saved = load_torch(path, "an intermediate checkpoint is only written while training: train again into a "
-                           "new directory, or lower trak.num_checkpoints", keys=("lam",))
+        saved = load_checkpoint(path, "an intermediate checkpoint is only written while training: train again into "
+                                "a new directory, or lower trak.num_checkpoints", keys=("lam",))
         out.append({k: v.to(run.exp.device, run.exp.dtype) for k, v in saved["lam"].items()})
     return out
 
@@ -78,4 +76,5 @@ def run_library_baseline(run, cfg: ScoreConfig, work_dir: Path | None = None) ->
     from metaif_cli.influence.trak import trak_influence
 
     return trak_influence(run.exp.model, trak_checkpoints(run, cfg.trak.num_checkpoints), train, test,
-                          cfg=cfg.trak, support=support, seed=cfg.seed, chunk=cfg.chunk, progress=cfg.progress)
+                          cfg=cfg.trak, support=support, seed=cfg.seed,
+                          chunk=task_chunk(run, cfg.chunk, cfg.chunk_budget_mb), progress=cfg.progress)

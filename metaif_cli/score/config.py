@@ -5,7 +5,7 @@ references, and the settings that determine the scores.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from metaif_cli.checks import choice, in_range, integer, positive
 from metaif_cli.errors import MetaifError
@@ -37,16 +37,36 @@ class EnsembleConfig:
 
 
 @dataclass
+class RunDataConfig:
+    """Where the run's images are read from now: ``root``/``cache`` replace the run's own
+    ``data.root``/``data.cache`` (null: the run's), e.g. for a run copied from another machine.
+    The images found must be those the run was trained on (their fingerprint is checked)."""
+
+    root: Optional[str] = None
+    cache: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for key in ("root", "cache"):
+            value = getattr(self, key)
+            if value is not None and not str(value).strip():
+                raise MetaifError(f"data.{key}= is empty; pass a folder, or leave it out to use the run's own")
+
+
+@dataclass
 class ScoreConfig:
     """Root of ``metaif score`` (``conf/score/score.yaml``).
 
     ``ensemble.checkpoints``, ``runs``: average the scores over several points or runs of the
     same pool (:mod:`metaif_cli.score.ensemble`).
-    ``chunk``: tasks per vmapped call in every pass over tasks; memory grows with it, and
-    on CPU 32 was fastest for a cnn4 on Omniglot (64 was slower and used 4 GB).
+    ``chunk``: tasks per vmapped call in every pass over tasks; memory grows with it. ``auto``
+    (the default): as many as ``chunk_budget_mb`` holds for this model, at most 32
+    (:mod:`metaif_cli.influence.chunking`); a number is used as given.
+    ``factory``: a ``model=custom`` run's factory (``module:function`` or ``file.py:function``), named
+    by the user: a run directory only names its factory for checking, it never chooses code to import.
     """
 
     run: str = "???"
+    data: RunDataConfig = field(default_factory=RunDataConfig)
     unit: str = "all"
     method: str = "if"
     derivative: str = "auto"
@@ -62,12 +82,14 @@ class ScoreConfig:
     runs: list[str] = field(default_factory=list)
     inner_tol: float = 1e-8
     inner_max_iter: int = 200
-    chunk: int = 32
+    chunk: Any = "auto"  # "auto" or a whole number (Any: Hydra takes both)
+    chunk_budget_mb: float = 1024.0
     pred_delta_lam: list[str] = field(default_factory=list)
     shard: Optional[str] = None
     seed: int = 0
     device: Optional[str] = None
     dtype: Optional[str] = None
+    factory: Optional[str] = None
     overwrite: bool = False
     plots: bool = True
     grid_size: int = 8
@@ -78,7 +100,13 @@ class ScoreConfig:
         choice("method", self.method, METHODS)
         choice("derivative", self.derivative, ("auto", "unrolled", "implicit"))
         choice("inner_solver", self.inner_solver, ("cg", "ekfac"))
-        integer("chunk", self.chunk, minimum=1)
+        if self.chunk != "auto":
+            if isinstance(self.chunk, str) and self.chunk.strip().isdigit():
+                self.chunk = int(self.chunk)
+            if isinstance(self.chunk, bool) or not isinstance(self.chunk, int):
+                raise MetaifError(f"chunk={self.chunk!r} is not valid; use chunk=auto or a whole number such as chunk=8")
+            integer("chunk", self.chunk, minimum=1)
+        positive("chunk_budget_mb", self.chunk_budget_mb)
         integer("seed", self.seed, minimum=0)
         integer("grid_size", self.grid_size, minimum=1)
         integer("inner_max_iter", self.inner_max_iter, minimum=1)
@@ -121,7 +149,9 @@ def parse_unit_ref(text: str) -> tuple[str, int, str | None, int | None]:
 
 def settings_of(cfg: ScoreConfig) -> dict:
     """The settings that determine the scores (saved beside them and checked on reuse)."""
-    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk"}
+    # where the data is read from does not change the scores (the run's data fingerprint is checked)
+    ignore = {"overwrite", "progress", "plots", "shard", "pred_delta_lam", "grid_size", "chunk", "chunk_budget_mb",
+              "factory", "data"}
     # a library baseline's settings matter only to that method
     ignore |= {key for key, method in (("ekfac", "ekfac_if"), ("trak", "trak")) if cfg.method != method}
     if cfg.method != "trajectory":

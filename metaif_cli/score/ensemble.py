@@ -23,11 +23,11 @@ import torch
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
-from metaif_cli.io import load_torch
+from metaif_cli.io import resolved_path
 from metaif_cli.influence import compute
 from metaif_cli.influence.problem import UnitScores
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import LoadedRun, checkpoint_paths, checkpoint_step, load_run
+from metaif_cli.score.run import LoadedRun, checkpoint_paths, checkpoint_step, load_checkpoint, load_run
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def check_ensemble(run: LoadedRun, cfg: ScoreConfig) -> None:
     if required and k > 1:
         _require_checkpoints(run, k, len(earlier_checkpoints(run)))
     for path in cfg.runs:
-        if not (Path(path) / C.MODEL_PT).is_file():
+        if not (Path(resolved_path(path)) / C.MODEL_PT).is_file():
             raise MetaifError(f"runs: {path} is not a finished metaif train run (no {C.MODEL_PT}); list the "
                               "directories of finished runs")
 
@@ -90,7 +90,7 @@ def checkpoint_members(run: LoadedRun, k: int, required: bool = True) -> list[tu
     _require_checkpoints(run, k, len(earlier))
     members = [(f"{run.run_dir.name}@final", run)]
     for path in reversed(earlier[len(earlier) - (k - 1):] if k > 1 else []):  # only the checkpoints used are read
-        state = load_torch(path, f"rerun metaif train for {run.run_dir} (its checkpoint is damaged)", keys=("step", "lam"))
+        state = load_checkpoint(path, f"rerun metaif train for {run.run_dir} (its checkpoint is damaged)")
         lam = {name: t.to(run.exp.device, run.exp.dtype) for name, t in state["lam"].items()}
         members.append((f"{run.run_dir.name}@step_{int(state['step'])}", replace(run, lam=lam)))
     return members
@@ -117,22 +117,20 @@ def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, r
     k, required = ensemble_checkpoints(cfg)
     runs = [run]
     for path in cfg.runs:
-        if Path(path).resolve() in {r.run_dir.resolve() for r in runs}:
+        if Path(resolved_path(path)) in {r.run_dir.resolve() for r in runs}:
             raise MetaifError(f"runs: {path} is listed twice (run= is a member already)")
-        other = load_run(Path(path), cfg.device, cfg.dtype)
+        other = load_run(path, cfg.device, cfg.dtype, data=cfg.data, factory=cfg.factory)
         check_same_pool(run, other)
         runs.append(other)
     members = [m for r in runs for m in checkpoint_members(r, k, required)]
-    total: UnitScores | None = None
+    scored: list[UnitScores] = []
     seconds: dict[str, float] = {}
     report = []
     for label, member in members:
         t0 = time.perf_counter()
         out = single(member, cfg, index, rank, world)
         wall = time.perf_counter() - t0
-        sc = out.scores
-        total = sc if total is None else UnitScores(total.task + sc.task, total.query + sc.query,
-                                                    total.support + sc.support)
+        scored.append(out.scores)
         for stage, value in out.seconds.items():
             seconds[stage] = seconds.get(stage, 0.0) + value
         report.append({"member": label, "seconds": wall,
@@ -140,7 +138,15 @@ def run_ensemble(run: LoadedRun, cfg: ScoreConfig, index: torch.Tensor | None, r
                        "damping": None if out.curvature is None else out.curvature.damping,
                        "eval_value": out.eval_value})
         log.info("ensemble member %s scored in %.1f s", label, wall)
-    assert total is not None
-    m = len(members)
-    mean = UnitScores(total.task / m, total.query / m, total.support / m)
-    return compute.ScoreOutput(mean, seconds=seconds, members=report)
+    mean, spread = mean_and_standard_error(scored)
+    return compute.ScoreOutput(mean, seconds=seconds, members=report, spread=spread)
+
+
+def mean_and_standard_error(scored: list[UnitScores]) -> tuple[UnitScores, UnitScores | None]:
+    """Mean of the members' scores and its standard error ``sd / sqrt(m)`` (None for one member)."""
+    fields = ("task", "query", "support")
+    stacked = {f: torch.stack([getattr(s, f) for s in scored]) for f in fields}  # [m, ...]
+    mean = UnitScores(*(stacked[f].mean(0) for f in fields))
+    if len(scored) < 2:
+        return mean, None
+    return mean, UnitScores(*(stacked[f].std(0) / len(scored) ** 0.5 for f in fields))

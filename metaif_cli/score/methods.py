@@ -19,7 +19,7 @@ from metaif_cli.influence.problem import Problem, UnrolledProblem
 from metaif_cli.meta.params import FlatSpec
 from metaif_cli.score.baselines import LIBRARY_METHODS, run_library_baseline
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import LoadedRun, tracin_checkpoints
+from metaif_cli.score.run import LoadedRun, task_chunk, tracin_checkpoints
 from metaif_cli.score.trajectory import score_trajectory
 
 
@@ -35,13 +35,12 @@ def derivative_mode(run: LoadedRun, cfg: ScoreConfig) -> str:
 def build_problem(run: LoadedRun, cfg: ScoreConfig, direct: bool = False) -> Problem:
     """The problem over the training pool (with the run's weights) and the evaluation tasks."""
     exp = run.exp
-    train = exp.pools["train"].batch(exp.images).with_weights(**{k: t.to(exp.device, exp.dtype)
-                                                                    for k, t in run.weights.items()})
+    train = exp.tasks("train", weights=run.weights)  # gathered per chunk: the pool's images stay compact
     test_pool = exp.pools["test"]
     m = cfg.evaluation.num_tasks or len(test_pool)
-    test = test_pool.batch(exp.images, torch.arange(min(m, len(test_pool))))
+    test = exp.tasks("test", torch.arange(min(m, len(test_pool))))
     kwargs = dict(n=len(train), delta_reg=run.train_cfg.optim.delta_reg, eval_kind=cfg.evaluation.kind,
-                  chunk=cfg.chunk, support=cfg.unit != "task")
+                  chunk=task_chunk(run, cfg.chunk, cfg.chunk_budget_mb), support=cfg.unit != "task")
     spec = FlatSpec.of(run.lam)
     if direct:
         return UnrolledProblem(exp.learner, spec, train, test, steps=0, **kwargs)

@@ -26,7 +26,9 @@ from metaif_cli.influence.problem import UnitScores
 from metaif_cli.influence.compute import Solved
 from metaif_cli.io import clean_stale_temporaries, load_json, load_torch, resolved_path, save_json, save_torch
 from metaif_cli.score.config import ScoreConfig, parse_shard, parse_unit_ref, settings_of
-from metaif_cli.score.outputs import detection, instance_table, task_table, write_plots, write_tables
+from metaif_cli.ownership import check_foreign, owned_dir
+from metaif_cli.score.outputs import (artefact_digests, clear_results, detection, instance_table, task_table,
+                                      write_plots, write_summary, write_tables)
 from metaif_cli.score.methods import pred_delta_lam, run_method
 from metaif_cli.score.ihvp import load_solved, save_solved
 from metaif_cli.score.preflight import check_inputs
@@ -35,24 +37,34 @@ from metaif_cli.score.run import LoadedRun, load_run, read_tasks_csv
 log = logging.getLogger(__name__)
 
 
-def check_settings(out_dir: Path, cfg: ScoreConfig) -> None:
+def check_settings(out_dir: Path, cfg: ScoreConfig) -> bool:
     """Refuse to mix scores of different settings in one directory unless ``overwrite=true``.
 
     Only compares (writes nothing): the settings are saved once every check has passed.
     The run is compared as a resolved path, so a relative path or a trailing slash is the same run.
+    Returns True when ``overwrite=true`` replaces the results of other settings (every artefact
+    of them is removed then, :func:`~metaif_cli.score.outputs.clear_results`).
     """
     path = out_dir / C.SCORE_SETTINGS_JSON
-    if not path.exists() or cfg.overwrite:
-        return
-    saved = load_json(path, "delete it, or pass overwrite=true")
+    if not path.exists():
+        return False
+    try:
+        saved = load_json(path, "delete it, or pass overwrite=true")
+    except MetaifError:
+        if cfg.overwrite:
+            return True
+        raise
     if isinstance(saved, dict) and "run" in saved:
         saved = {**saved, "run": resolved_path(saved["run"])}
     wanted = settings_of(cfg)
-    if saved != wanted:
-        differ = differing_keys(saved, wanted) if isinstance(saved, dict) else []
-        which = f" ({', '.join(differ)} differ, per {C.SCORE_SETTINGS_JSON})" if differ else ""
-        raise MetaifError(f"{out_dir} holds scores computed with other settings{which}; pass overwrite=true to "
-                          "replace them or choose another hydra.run.dir")
+    if saved == wanted:
+        return False
+    if cfg.overwrite:
+        return True
+    differ = differing_keys(saved, wanted) if isinstance(saved, dict) else []
+    which = f" ({', '.join(differ)} differ, per {C.SCORE_SETTINGS_JSON})" if differ else ""
+    raise MetaifError(f"{out_dir} holds scores computed with other settings{which}; pass overwrite=true to "
+                      "replace them or choose another hydra.run.dir")
 
 
 def shard_slice(n: int, i: int, k: int) -> torch.Tensor:
@@ -85,9 +97,18 @@ def score(cfg: ScoreConfig, out_dir: Path, before_write: Callable[[], None] | No
     Everything is checked before the first write: the run, the shard, every unit reference,
     the checkpoints TracIn needs and the settings of a directory already there.
     ``before_write`` runs then (the command layer saves Hydra's ``.hydra/`` there).
+    The folder is held by this command alone (shards of one scoring share it) from the first
+    read to the last write (:func:`metaif_cli.ownership.owned_dir`).
     """
     rank, world = _distributed()
-    run = load_run(Path(cfg.run), cfg.device, cfg.dtype)
+    if rank != 0:
+        return _score(cfg, out_dir, before_write, rank, world)
+    with owned_dir(out_dir, "score", shared=world == 1 and cfg.shard is not None):
+        return _score(cfg, out_dir, before_write, rank, world)
+
+
+def _score(cfg: ScoreConfig, out_dir: Path, before_write: Callable[[], None] | None, rank: int, world: int) -> dict:
+    run = load_run(cfg.run, cfg.device, cfg.dtype, data=cfg.data, factory=cfg.factory)
     n = len(run.exp.pools["train"])
     if world > 1:
         i, k = rank, world
@@ -97,11 +118,13 @@ def score(cfg: ScoreConfig, out_dir: Path, before_write: Callable[[], None] | No
         i, k = 0, 1
     check_inputs(run, cfg, k, "processes (torchrun --nproc_per_node)" if world > 1 else "shards")
     if rank == 0:
-        check_settings(out_dir, cfg)
+        check_foreign(out_dir, "score", run.run_dir)
+        replaced = check_settings(out_dir, cfg)
         if before_write is not None:
             before_write()
         out_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(out_dir)  # left by a killed earlier run
+        clear_results(out_dir, everything=replaced)  # no table of an earlier result outlives it
     index = shard_slice(n, i, k) if k > 1 else None
     solved = load_solved(out_dir, cfg, run.lam) if world == 1 else None
     on_solved = (lambda new: save_solved(out_dir, cfg, run.lam, new)) if world == 1 else None
@@ -111,30 +134,40 @@ def score(cfg: ScoreConfig, out_dir: Path, before_write: Callable[[], None] | No
         save_json(settings_of(cfg), out_dir / C.SCORE_SETTINGS_JSON)
     if world > 1:
         out.scores = _gather(out.scores, world)
+        if out.spread is not None:  # every process scored the same members: all of them gather it
+            out.spread = _gather(out.spread, world)
         if rank != 0:
             return {}
     elif k > 1:
-        save_torch({"scores": dict(out.scores.__dict__), "index": index, "settings": settings_of(cfg), "s": out.s,
-                    "seconds": out.seconds}, out_dir / C.SHARD_DIR / f"shard_{i}_of_{k}.pt")
-        merged = _merge_shards(out_dir, k, cfg)
+        spread = None if out.spread is None else dict(out.spread.__dict__)
+        save_torch({"scores": dict(out.scores.__dict__), "spread": spread, "index": index, "settings": settings_of(cfg),
+                    "s": out.s, "seconds": out.seconds, "run_fingerprint": run.fingerprint},
+                   out_dir / C.SHARD_DIR / f"shard_{i}_of_{k}.pt")
+        merged = _merge_shards(out_dir, k, cfg, run.fingerprint)
         if merged is None:
             log.info("shard %d/%d written; the last shard to finish merges them", i, k)
             return {}
-        out.scores = merged
+        out.scores, out.spread = merged
     summary = write_outputs(run, cfg, out, out_dir)
     return summary
 
 
-def _merge_shards(out_dir: Path, k: int, cfg: ScoreConfig) -> UnitScores | None:
+def _merge_shards(out_dir: Path, k: int, cfg: ScoreConfig, fingerprint: str | None = None
+                  ) -> tuple[UnitScores, UnitScores | None] | None:
     paths = [out_dir / C.SHARD_DIR / f"shard_{j}_of_{k}.pt" for j in range(k)]
     if not all(p.exists() for p in paths):
         return None
     fix = f"delete it and rerun that shard (shard=i/{k})"
     parts = [load_torch(p, fix, keys=("scores", "settings")) for p in paths]
-    if any(p["settings"] != settings_of(cfg) for p in parts):
+    if any(p["settings"] != settings_of(cfg) or (fingerprint is not None and p.get("run_fingerprint") != fingerprint)
+           for p in parts):
         raise MetaifError(f"the shards in {out_dir / C.SHARD_DIR} were computed with different settings; "
-                          "delete them and rerun every shard")
-    return UnitScores(*(torch.cat([p["scores"][f] for p in parts]) for f in ("task", "query", "support")))
+                          "(or for another version of the run); delete them and rerun every shard")
+    fields = ("task", "query", "support")
+    scores = UnitScores(*(torch.cat([p["scores"][f] for p in parts]) for f in fields))
+    if any(p.get("spread") is None for p in parts):
+        return scores, None
+    return scores, UnitScores(*(torch.cat([p["spread"][f] for p in parts]) for f in fields))
 
 
 def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, out_dir: Path) -> dict:
@@ -142,8 +175,10 @@ def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, ou
     import pandas as pd
 
     tasks_csv = read_tasks_csv(run)
-    tasks_df = task_table(out.scores, tasks_csv, cfg.method) if cfg.unit in ("task", "all") else None
-    inst_df = instance_table(out.scores, tasks_csv, cfg.method) if cfg.unit in ("instance", "all") else None
+    spread = out.spread
+    tasks_df = task_table(out.scores, tasks_csv, cfg.method, spread=spread) if cfg.unit in ("task", "all") else None
+    inst_df = (instance_table(out.scores, tasks_csv, cfg.method, spread=spread) if cfg.unit in ("instance", "all")
+               else None)
     write_tables(out_dir, tasks_df, inst_df)
     if out.s is not None and out.solve is not None:
         save_solved(out_dir, cfg, run.lam, Solved(out.s, out.solve, out.curvature))
@@ -160,6 +195,8 @@ def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, ou
     summary = {
         "settings": settings_of(cfg),
         "run": str(run.run_dir),
+        "run_fingerprint": run.fingerprint,  # checked by prune-and-retrain scores=
+        "files": artefact_digests(out_dir),
         "method": cfg.method,
         "n_tasks": len(run.exp.pools["train"]),
         "num_parameters": sum(t.numel() for t in run.lam.values()),
@@ -184,7 +221,9 @@ def write_outputs(run: LoadedRun, cfg: ScoreConfig, out: compute.ScoreOutput, ou
                             if df is not None and df["corrupted"].any()}
     if cfg.plots:
         summary["plots"] = write_plots(out_dir, cfg.method, tasks_df, inst_df, run.exp.images, cfg.grid_size)
+    lines = write_summary(out_dir, cfg.method, tasks_df, inst_df, len(out.members) if out.members else 1)
     save_json(summary, out_dir / C.SCORE_JSON)
     log.info("scored %d tasks with %s in %.1f s; outputs in %s", summary["n_tasks"], cfg.method,
              summary["total_seconds"], out_dir)
+    log.info("conclusion (also in %s):\n%s", C.SUMMARY_MD, "\n".join(lines[2:]))
     return summary

@@ -10,10 +10,12 @@ loaded run: the shard count against the number of training tasks (no empty shard
 from __future__ import annotations
 
 from metaif_cli import constants as C
+from metaif_cli.checks import available_memory, fits
 from metaif_cli.errors import MetaifError
+from metaif_cli.io import load_torch
 from metaif_cli.score.config import ScoreConfig, parse_unit_ref
 from metaif_cli.score.baselines import LIBRARY_METHODS, trak_checkpoint_paths
-from metaif_cli.score.ensemble import check_ensemble
+from metaif_cli.score.ensemble import check_ensemble, is_ensemble
 from metaif_cli.score.run import LoadedRun, checkpoint_paths
 
 
@@ -62,3 +64,17 @@ def check_inputs(run: LoadedRun, cfg: ScoreConfig, shards: int, what: str = "sha
     if cfg.method == "tracin" and not checkpoint_paths(run.run_dir):
         raise MetaifError(f"method=tracin needs the intermediate checkpoints of the training run, and "
                           f"{run.run_dir / C.CHECKPOINT_DIR} holds none; retrain with optim.num_checkpoints > 0")
+    if cfg.method == "trak":  # per-example projected gradients of every checkpoint, in float32
+        pool = run.exp.pools["train"]
+        examples = n * (pool.spt_idx.shape[1] + pool.qry_idx.shape[1] + 1)
+        fits(f"trak.proj_dim={cfg.trak.proj_dim} for {examples} examples", 2.0 * examples * cfg.trak.proj_dim * 4
+             * cfg.trak.num_checkpoints, available_memory(), "memory", "lower trak.proj_dim")
+    if cfg.method in ("tracin", "trak", "trajectory") or is_ensemble(run, cfg):
+        check_checkpoints_readable(run)
+
+
+def check_checkpoints_readable(run: LoadedRun) -> None:
+    """Read every intermediate checkpoint now, so a damaged one stops the command before any work."""
+    for path in checkpoint_paths(run.run_dir):
+        load_torch(path, f"rerun metaif train for {run.run_dir} (its checkpoint is damaged), or choose a method "
+                   "that reads no checkpoints", keys=("lam",))

@@ -14,10 +14,12 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 
 from metaif_cli import constants as C
 from metaif_cli.errors import MetaifError
 from metaif_cli.io import load_torch
+from metaif_cli.influence.chunking import activation_floats, task_bytes
 from metaif_cli.influence.compute import ScoreOutput
 from metaif_cli.influence.problem import Problem
 from metaif_cli.influence.trajectory import RecordedRun, trajectory_scores
@@ -25,7 +27,7 @@ from metaif_cli.influence.trajectory_step import OptimSpec, OptState
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.meta.params import FlatSpec, Params
 from metaif_cli.score.config import ScoreConfig
-from metaif_cli.score.run import LoadedRun, checkpoint_paths
+from metaif_cli.score.run import LoadedRun, checkpoint_paths, load_checkpoint
 from metaif_cli.train.loop import batch_schedule
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def recorded_run(run: LoadedRun) -> tuple[RecordedRun, bool]:
     states = {0: OptState(0, {k: t.detach() for k, t in init.items()})}
     saved_optimizer, complete = None, True
     for path in checkpoint_paths(run_dir):
-        saved = load_torch(path, fix, keys=("step", "lam"))
+        saved = load_checkpoint(path, fix)
         if "optimizer" not in saved:
             complete = False
             continue
@@ -82,9 +84,21 @@ def recorded_run(run: LoadedRun) -> tuple[RecordedRun, bool]:
             states[int(saved["step"])] = _state(saved, names, exp.device, exp.dtype)
             saved_optimizer = saved["optimizer"]
     pool = exp.pools["train"]
-    train = pool.batch(exp.images).with_weights(**{k: t.to(exp.device, exp.dtype) for k, t in run.weights.items()})
+    train = exp.tasks("train", weights=run.weights)  # each replayed step gathers its meta-batch alone
     schedule = batch_schedule(run.train_cfg, len(pool), steps)
     return RecordedRun(exp.learner, train, schedule, optim_spec(run, saved_optimizer), states), complete
+
+
+def auto_segment(run: LoadedRun, budget_mb: float) -> int:
+    """Steps whose graphs fit ``budget_mb``: a step holds one meta-batch of tasks (``chunking.task_bytes``)."""
+    d, exp = run.train_cfg.dataset, run.exp
+    per_task = task_bytes(sum(p.numel() for p in exp.model.parameters()),
+                          activation_floats(exp.model, exp.dataset.image_shape),
+                          d.ways * (d.shots + d.queries), run.train_cfg.meta.inner_steps,
+                          torch.empty((), dtype=exp.dtype).element_size())
+    steps = int(max(1, budget_mb * 2**20 // (per_task * run.train_cfg.optim.meta_batch_size)))
+    log.info("trajectory.segment=auto: %d steps (chunk_budget_mb %g)", steps, budget_mb)
+    return steps
 
 
 def score_trajectory(run: LoadedRun, cfg: ScoreConfig, problem: Problem) -> ScoreOutput:
@@ -93,6 +107,8 @@ def score_trajectory(run: LoadedRun, cfg: ScoreConfig, problem: Problem) -> Scor
         raise MetaifError("method=trajectory scores one evaluation function; use evaluation.kind=mean_loss or margin")
     recorded, complete = recorded_run(run)
     segment = cfg.trajectory.segment
+    if segment == "auto":
+        segment = auto_segment(run, cfg.chunk_budget_mb)
     if not complete and len(recorded.states) == 1:
         segment = segment or math.ceil(math.sqrt(recorded.steps))
         log.warning("%s: the checkpoints hold no optimiser state (trained by an older metaif); replaying from "
@@ -102,8 +118,8 @@ def score_trajectory(run: LoadedRun, cfg: ScoreConfig, problem: Problem) -> Scor
     spec = FlatSpec.of(run.lam)
 
     def eval_grad(lam: Params) -> tuple[float, Params]:
-        values, grads = problem.eval_grad(spec.flatten(lam))
-        return float(values.mean()), spec.unflatten(grads.mean(0))
+        value, g = problem.eval_mean_grad(spec.flatten(lam))  # accumulated: no [T, P]
+        return float(value), spec.unflatten(g)
 
     result = trajectory_scores(recorded, eval_grad, segment, cfg.progress)
     drift = max(float((result.lam_final[k] - run.lam[k]).abs().max()) for k in run.lam)

@@ -1,2 +1,3 @@
 """The ``metaif train`` command package: config, experiment building, the training loop with
-resume, and the Hydra entry point (SPEC section 1)."""
+resume, batched retraining of many runs as one stack of models, and the Hydra entry point
+(SPEC sections 1 and 5)."""

@@ -21,8 +21,9 @@ from metaif_cli.hydra_app import output_dir, quiet_libraries, run_hydra_app, sav
 from metaif_cli.io import read_csv, save_csv, save_json
 from metaif_cli.train.config import TrainConfig
 from metaif_cli.train.experiment import build_experiment, config_dict
-from metaif_cli.train.loop import train
-from metaif_cli.train.preflight import check_run_dir
+from metaif_cli.ownership import check_foreign, owned_dir
+from metaif_cli.train.loop import checkpoint_steps, train
+from metaif_cli.train.preflight import check_run_dir, check_sizes, record_data
 
 log = logging.getLogger("metaif.train")
 
@@ -36,22 +37,46 @@ def run_train(cfg: TrainConfig, run_dir: Path, before_write: Callable[[], None] 
     ``run_dir`` holding another run is refused); ``before_write`` runs then (the command
     layer saves Hydra's ``.hydra/`` there).
     """
+    with owned_dir(run_dir, "train"):
+        return _run_train(cfg, run_dir, before_write)
+
+
+def _run_train(cfg: TrainConfig, run_dir: Path, before_write: Callable[[], None] | None) -> dict:
+    check_foreign(run_dir, "train")
+    check_sizes(cfg.dataset)
     exp = build_experiment(cfg)
-    check_run_dir(run_dir, cfg)
+    check_run_dir(run_dir, cfg, exp.dataset)
     if before_write is not None:
         before_write()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(config_dict(cfg), run_dir / C.TRAIN_CONFIG_JSON)
+    record_data(run_dir, exp.dataset)
     table = pools_table(exp.pools, exp.dataset)
     save_csv(table, run_dir / C.TASKS_CSV)
     split = {s: sorted(table.loc[table.split == s, "class"].unique().tolist()) for s in exp.pools}
     save_json(split, run_dir / C.SPLIT_JSON)
+    note = cfg.optim.checkpoint_note(checkpoint_steps(cfg.optim.steps, cfg.optim.num_checkpoints))
+    if note:
+        log.info("%s", note)
     results = train(exp, run_dir)
     from metaif_cli.reports.training_plots import plot_training_curves
 
-    plot_training_curves(pd.read_csv(run_dir / C.METRICS_CSV), run_dir / C.TRAINING_CURVES_PNG)
+    metrics = pd.read_csv(run_dir / C.METRICS_CSV)
+    plot_training_curves(metrics, run_dir / C.TRAINING_CURVES_PNG, cfg.dataset.ways)
     log.info("run directory: %s", run_dir)
+    warn_if_not_learned(results, cfg.dataset.ways, metrics)
     return results
+
+
+def warn_if_not_learned(results: dict, ways: int, metrics: pd.DataFrame) -> list[str]:
+    """Warn (one line) when the run is at chance or its training loss stayed flat; return the reasons."""
+    from metaif_cli.reports.learning import not_learned_advice, not_learned_reasons
+
+    loss = metrics["train_loss"].to_numpy() if "train_loss" in metrics else None
+    reasons = not_learned_reasons(float(results["test_acc"]), float(results["test_acc_ci95"]), ways, loss)
+    if reasons:
+        log.warning("%s", not_learned_advice(reasons))
+    return reasons
 
 
 def _task(cfg) -> float:

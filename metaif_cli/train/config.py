@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from metaif_cli.errors import MetaifError
 from metaif_cli.checks import at_most, choice, integer, positive
 from metaif_cli.data.config import CorruptionConfig, DataConfig, DatasetConfig
 from metaif_cli.meta.config import MetaConfig
@@ -49,6 +50,22 @@ class OptimConfig:
         positive("optim.delta_reg", self.delta_reg, allow_zero=True)
         choice("optim.optimizer", self.optimizer, ("adam", "sgd"))
 
+    def checkpoint_note(self, kept: list[int]) -> str | None:
+        """A line saying where checkpoints land when ``checkpoint_every`` suggests other steps (None: they agree).
+
+        ``num_checkpoints`` decides the kept checkpoints (evenly spaced); ``checkpoint_every`` only how often
+        the resume state is saved: the two are independent, and a user who set both must be told which wins.
+        """
+        if len(kept) < self.num_checkpoints:  # e.g. debug=fast's 2 with optim.steps=1: resolved, and said
+            return (f"optim.num_checkpoints={self.num_checkpoints} but optim.steps={self.steps} has room for "
+                    f"{len(kept)}: keeping checkpoints at steps {', '.join(map(str, kept))}")
+        if all(step % self.checkpoint_every == 0 for step in kept):
+            return None
+        return (f"optim.num_checkpoints={self.num_checkpoints} keeps checkpoints at steps "
+                f"{', '.join(map(str, kept))} (evenly spaced over optim.steps={self.steps}); "
+                f"optim.checkpoint_every={self.checkpoint_every} only sets how often the resume state "
+                "(checkpoint_last.pt) and metrics.csv are saved")
+
 
 @dataclass
 class TrainConfig:
@@ -73,6 +90,12 @@ class TrainConfig:
         integer("seed", self.seed, minimum=0)
         if self.threads is not None:
             integer("threads", self.threads, minimum=1)
+        largest = 3.4028234663852886e38 if self.dtype == "float32" else 1.7976931348623157e308
+        for name, value in (("optim.lr", self.optim.lr), ("optim.delta_reg", self.optim.delta_reg),
+                            ("meta.inner_lr", self.meta.inner_lr), ("meta.eta", self.meta.eta)):
+            if isinstance(value, (int, float)) and abs(value) > largest:  # a step would overflow the parameters
+                raise MetaifError(f"{name}={value} does not fit in dtype={self.dtype} (largest {largest:.4g}); "
+                                  "use a usual value, e.g. optim.lr=1e-3")
         at_most("optim.meta_batch_size", self.optim.meta_batch_size, self.dataset.num_train_tasks,
                 "the training pool (dataset.num_train_tasks)",
                 "lower optim.meta_batch_size or raise dataset.num_train_tasks")

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from metaif_cli.data.base import ImageDataset
+from metaif_cli.data.compact import compact_images
 from metaif_cli.data.config import CorruptionConfig, DataConfig, DatasetConfig
+from metaif_cli.data.gather import PoolTasks
 from metaif_cli.data.pool import TaskPool, build_pools
 from metaif_cli.data.registry import load_dataset
 from metaif_cli.errors import MetaifError
+from metaif_cli.influence.chunking import activation_floats, auto_chunk
 from metaif_cli.meta.config import MetaConfig
 from metaif_cli.meta.learner import MetaLearner
 from metaif_cli.models.config import ModelConfig
@@ -30,6 +34,7 @@ from metaif_cli.train.loggers import LoggerConfig
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+EVAL_BUDGET_MB = 1024  # memory one chunk of evaluated tasks may hold (as score's chunk_budget_mb)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,8 +51,8 @@ class Experiment:
     """A dataset, its pools and a meta-learner, on one device and dtype."""
 
     cfg: TrainConfig
-    dataset: ImageDataset
-    images: torch.Tensor  # [N, C, H, W] on device, in dtype
+    dataset: ImageDataset  # its images compact, as ``images`` (data.compact)
+    images: torch.Tensor  # [N, C, H, W] on device, compact (uint8 where lossless; data.compact)
     pools: dict[str, TaskPool]
     model: MetaModel
     learner: MetaLearner
@@ -57,6 +62,20 @@ class Experiment:
     def initial_params(self) -> dict[str, torch.Tensor]:
         """``lam`` at initialisation (drawn from the run's seed)."""
         return params_of(self.model, self.dtype, self.device)
+
+    @cached_property
+    def eval_chunk(self) -> int:
+        """Tasks per vmapped call when evaluating a split: ``EVAL_BUDGET_MB`` over one task's estimated
+        memory (:func:`metaif_cli.influence.chunking.auto_chunk`, at most 32)."""
+        d, m = self.cfg.dataset, self.cfg.meta
+        steps = m.inner_steps if m.eval_inner_steps is None else m.eval_inner_steps
+        return auto_chunk(sum(p.numel() for p in self.model.parameters()),
+                          activation_floats(self.model, self.dataset.image_shape), d.ways * (d.shots + d.queries),
+                          steps, torch.empty((), dtype=self.dtype).element_size(), EVAL_BUDGET_MB)
+
+    def tasks(self, split: str, index: torch.Tensor | None = None, weights: dict | None = None) -> PoolTasks:
+        """Tasks of ``split`` (all, or ``index``), gathered per chunk in ``dtype`` (``weights`` over the pool)."""
+        return PoolTasks.of(self.pools[split], self.images, self.dtype, index, weights)
 
 
 def build_experiment(cfg: TrainConfig, device: str | None = None, dtype: str | None = None) -> Experiment:
@@ -78,7 +97,10 @@ def build_experiment(cfg: TrainConfig, device: str | None = None, dtype: str | N
     model = build_model(cfg.model, dataset.image_shape, cfg.dataset.ways, cfg.init_seed).to(device=dev, dtype=dt)
     log.info("dataset %s: %d images, %d classes; model %s with %d parameters", dataset.name,
              len(dataset.labels), dataset.num_classes, cfg.model.name, sum(p.numel() for p in model.parameters()))
-    images = dataset.images.to(device=dev, dtype=dt)
+    # compact (uint8 where lossless), converted per chunk of tasks (data.gather); the loader's float copy
+    # is dropped: the experiment's dataset holds the compact tensor (checked as floats when it was loaded)
+    dataset.images = compact_images(dataset.images)
+    images = dataset.images.to(device=dev)
     return Experiment(cfg, dataset, images, pools, model, MetaLearner(model, cfg.meta), dev, dt)
 
 
@@ -100,5 +122,9 @@ def config_from_dict(data: dict) -> TrainConfig:
     """Rebuild a :class:`TrainConfig` saved by :func:`config_dict` (validated again)."""
     parts = {"data": DataConfig, "dataset": DatasetConfig, "corruption": CorruptionConfig, "model": ModelConfig,
              "meta": MetaConfig, "optim": OptimConfig, "logger": LoggerConfig}
-    kwargs = {k: (parts[k](**v) if k in parts else v) for k, v in data.items()}
-    return TrainConfig(**kwargs)
+    try:
+        kwargs = {k: (parts[k](**v) if k in parts else v) for k, v in data.items()}
+        return TrainConfig(**kwargs)
+    except (TypeError, AttributeError) as exc:  # a damaged or crafted saved config: unknown or missing keys
+        raise MetaifError(f"the saved settings of this run are not metaif's ({' '.join(str(exc).split())[:160]}); "
+                          "rerun the metaif train command that wrote it") from None

@@ -26,9 +26,10 @@ from metaif_cli.errors import MetaifError
 from metaif_cli.train.experiment import Experiment, config_dict
 from metaif_cli.io import (clean_stale_temporaries, load_json, load_torch, read_csv, save_csv, save_json,
                           save_torch)
-from metaif_cli.meta.params import Params
+from metaif_cli.meta.params import Params, non_finite
 from metaif_cli.progress import bar as progress_bar
 from metaif_cli.reports.intervals import mean_ci95
+from metaif_cli.train.finished import require_finite_run
 from metaif_cli.train.loggers import make_logger
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class PoolWeights:
 
 
 def checkpoint_steps(steps: int, num: int) -> list[int]:
-    """Steps at which intermediate checkpoints are kept (evenly spaced, last = final)."""
+    """Steps at which intermediate checkpoints are kept (evenly spaced, last = final); at most one per
+    step (``num > steps`` keeps every step, without counting to ``num``)."""
+    num = min(num, steps)
     return sorted({max(1, round(steps * i / num)) for i in range(1, num + 1)}) if num else []
 
 
@@ -71,7 +74,7 @@ def batch_schedule(cfg, n: int, steps: int) -> list[torch.Tensor]:
     return [draw_batch(gen, n, cfg.optim.meta_batch_size) for _ in range(steps)]
 
 
-def _make_optimizer(params: list[torch.Tensor], exp: Experiment) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.Tensor], exp: Experiment) -> torch.optim.Optimizer:
     o = exp.cfg.optim
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=o.lr)
@@ -80,14 +83,18 @@ def _make_optimizer(params: list[torch.Tensor], exp: Experiment) -> torch.optim.
 
 def evaluate_split(exp: Experiment, lam: Params, split: str) -> dict[str, float]:
     """Mean query loss and accuracy (with 95% intervals) over a split's tasks after adaptation."""
-    batch = exp.pools[split].batch(exp.images)
-    losses, accs = exp.learner.evaluate(lam, batch)
+    batch = exp.tasks(split)  # gathered chunk by chunk inside evaluate
+    losses, accs = exp.learner.evaluate(lam, batch, chunk=exp.eval_chunk)
     acc, acc_ci = mean_ci95(accs.double().cpu().numpy())
     loss, loss_ci = mean_ci95(losses.double().cpu().numpy())
+    if not (math.isfinite(loss) and math.isfinite(acc)):
+        raise MetaifError(f"the {split} loss is {loss}: the parameters diverged or overflow in {exp.dtype} "
+                          f"(optim.lr={exp.cfg.optim.lr}, meta.inner_lr={exp.cfg.meta.inner_lr}); lower optim.lr "
+                          "or meta.inner_lr, or check the weights")
     return {f"{split}_acc": acc, f"{split}_acc_ci95": acc_ci, f"{split}_loss": loss, f"{split}_loss_ci95": loss_ci}
 
 
-def _init_digest(init_lam: Params | None) -> str | None:
+def init_digest(init_lam: Params | None) -> str | None:
     """A fingerprint of a warm start (``None``: the seeded initialisation)."""
     if init_lam is None:
         return None
@@ -98,7 +105,7 @@ def _init_digest(init_lam: Params | None) -> str | None:
     return h.hexdigest()
 
 
-def _state(step, lam, opt, gen, metrics, elapsed, exp, weights, setup) -> dict:
+def train_state(step, lam, opt, gen, metrics, elapsed, exp, weights, setup) -> dict:
     return {"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg), "step": step, "setup": setup,
             "lam": {k: v.detach().cpu() for k, v in lam.items()}, "optimizer": opt.state_dict(),
             "generator": gen.get_state(), "metrics": metrics, "elapsed": elapsed,
@@ -118,7 +125,7 @@ def _same_setup(saved: dict, exp: Experiment, weights: PoolWeights, setup: dict)
 RETRAIN_FIX = "rerun the same metaif train command to rewrite it"
 
 
-def _finished_results(run_dir: Path, exp: Experiment, weights: PoolWeights, setup: dict) -> dict | None:
+def finished_run_results(run_dir: Path, exp: Experiment, weights: PoolWeights, setup: dict) -> dict | None:
     """``results.json`` when ``run_dir`` holds this very run, finished and intact; else None.
 
     A damaged or missing ``model.pt``, ``results.json`` or ``metrics.csv`` makes the run
@@ -134,10 +141,11 @@ def _finished_results(run_dir: Path, exp: Experiment, weights: PoolWeights, setu
     except MetaifError as exc:
         log.warning("%s; completing the run again from its last checkpoint", exc)
         return None
+    require_finite_run(run_dir, model, results)
     return results if _same_setup(model, exp, weights, setup) else None
 
 
-def _resume_state(run_dir: Path, exp: Experiment, weights: PoolWeights, setup: dict) -> dict | None:
+def resume_state(run_dir: Path, exp: Experiment, weights: PoolWeights, setup: dict) -> dict | None:
     """The newest intact checkpoint of this run (``checkpoint_last.pt``, else ``checkpoint_prev.pt``).
 
     A damaged checkpoint is skipped with a warning (and removed, so it is not kept as the
@@ -186,18 +194,18 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     steps = steps or o.steps
     results_path, last_path = run_dir / C.RESULTS_JSON, run_dir / C.CHECKPOINT_LAST
     prev_path = run_dir / C.CHECKPOINT_PREV
-    setup = {"steps": steps, "init": _init_digest(init_lam)}
+    setup = {"steps": steps, "init": init_digest(init_lam)}
     clean_stale_temporaries(run_dir)
-    finished = _finished_results(run_dir, exp, weights, setup)
+    finished = finished_run_results(run_dir, exp, weights, setup)
     if finished is not None:
         log.info("run in %s is complete; nothing to do", run_dir)
         return finished
     lam = {k: v.clone() for k, v in (init_lam or exp.initial_params()).items()}
     leaves = [t.requires_grad_(False) for t in lam.values()]
-    opt = _make_optimizer(leaves, exp)
+    opt = make_optimizer(leaves, exp)
     gen = batch_generator(cfg)
     start, metrics, elapsed = 0, [], 0.0
-    saved = _resume_state(run_dir, exp, weights, setup)
+    saved = resume_state(run_dir, exp, weights, setup)
     if saved is not None:
         for k in lam:
             lam[k].copy_(saved["lam"][k].to(lam[k]))
@@ -206,24 +214,32 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
         start, metrics, elapsed = saved["step"], saved["metrics"], saved["elapsed"]
         log.info("resuming %s from step %d", run_dir, start)
     keep = set(checkpoint_steps(steps, o.num_checkpoints))
-    images = exp.images
-    w, u, v = (t.to(exp.device, exp.dtype) for t in (weights.w, weights.u, weights.v))
+    tasks = exp.tasks("train", weights={"w": weights.w, "u": weights.u, "v": weights.v})
     logger = make_logger(cfg.logger, run_dir, start)
-    bar = progress_bar(range(start, steps), initial=start, total=steps, desc="meta-train", enabled=cfg.progress)
+    bar = progress_bar(range(start, steps), initial=start, total=steps, desc=f"meta-train {run_dir.name}",
+                       enabled=cfg.progress)  # the name tells retrainings apart (e.g. if-0.2-b7) in a log
     t0 = time.perf_counter()
     for step in bar:
         idx = draw_batch(gen, n, o.meta_batch_size)
-        batch = pool.batch(images, idx)
-        dev_idx = idx.to(images.device)
-        batch = batch.with_weights(w=w[dev_idx], u=u[dev_idx], v=v[dev_idx])
+        batch = tasks[idx]  # images of this meta-batch only, with its weights
         grads, losses = exp.learner.meta_gradient(lam, batch)
         loss = float((batch.w * losses).sum() / len(batch))
         if not math.isfinite(loss):
             raise MetaifError(f"training diverged: loss is {loss} at step {step + 1}; lower optim.lr or meta.inner_lr")
         for k, t in lam.items():
             t.grad = grads[k] + o.delta_reg * t
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as exc:  # Adam's step size overflows the parameters' dtype
+            if "overflow" not in str(exc):
+                raise
+            raise MetaifError(f"training diverged: the step of optim.lr={o.lr} overflows {exp.dtype} at step "
+                              f"{step + 1}; lower optim.lr") from None
         done = step + 1
+        bad = non_finite(lam)
+        if bad:
+            raise MetaifError(f"training diverged: parameter {bad[0]} is not finite after step {done} "
+                              f"(optim.lr={o.lr}); lower optim.lr or meta.inner_lr")
         row = {"step": done, "train_loss": loss}
         if done % o.eval_every == 0 or done == steps:
             row.update({k: v_ for k, v_ in evaluate_split(exp, lam, "val").items() if "ci95" not in k})
@@ -240,23 +256,24 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
         if done % o.checkpoint_every == 0 or done == steps:
             now = elapsed + time.perf_counter() - t0
             # the previous good state is kept as checkpoint_prev.pt, should this one be damaged
-            save_torch(_state(done, lam, opt, gen, metrics, now, exp, weights, setup), last_path, prev_path)
+            save_torch(train_state(done, lam, opt, gen, metrics, now, exp, weights, setup), last_path, prev_path)
             save_csv(pd.DataFrame(metrics), run_dir / C.METRICS_CSV)
     elapsed += time.perf_counter() - t0
     bar.close()
     logger.close()
-    return _finish(exp, run_dir, lam, elapsed, steps, weights, setup, metrics)
+    return finish(exp, run_dir, lam, elapsed, steps, weights, setup, metrics)
 
 
-def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: int, weights: PoolWeights,
-            setup: dict, metrics: list[dict]) -> dict:
+def finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: int, weights: PoolWeights,
+           setup: dict, metrics: list[dict], test: dict[str, float] | None = None) -> dict:
     """Evaluate on the meta-test pool and write ``metrics.csv``, ``model.pt`` and ``results.json``.
 
     ``metrics.csv`` is written again here: a run killed between its last checkpoint and
     its ``metrics.csv`` resumes at the final step, and must still end with every row.
+    ``test``: the meta-test metrics when already computed (a batch of retrainings evaluates them at once).
     """
     save_csv(pd.DataFrame(metrics), run_dir / C.METRICS_CSV)
-    test = evaluate_split(exp, lam, "test")
+    test = test if test is not None else evaluate_split(exp, lam, "test")
     save_torch({"format_version": C.FORMAT_VERSION, "config": config_dict(exp.cfg), "setup": setup,
                 "lam": {k: v.detach().cpu() for k, v in lam.items()}, "weights": weights.as_dict(),
                 "model_args": {"image_shape": list(exp.dataset.image_shape), "ways": exp.cfg.dataset.ways}},
@@ -270,23 +287,6 @@ def _finish(exp: Experiment, run_dir: Path, lam: Params, elapsed: float, steps: 
                "versions": {"metaif": metaif_cli.__version__, "torch": torch.__version__,
                             "python": platform.python_version()}}
     save_json(results, run_dir / C.RESULTS_JSON)
-    log.info("meta-test accuracy %.4f +- %.4f (loss %.4f) after %.1f s", test["test_acc"], test["test_acc_ci95"],
-             test["test_loss"], elapsed)
+    log.info("meta-test accuracy %.4f +- %.4f (loss %.4f) after %.1f s (%s)", test["test_acc"], test["test_acc_ci95"],
+             test["test_loss"], elapsed, run_dir.name)
     return results
-
-
-def load_trained(run_dir: Path) -> dict:
-    """Read ``model.pt`` of a finished run, or explain what is missing."""
-    path = run_dir / C.MODEL_PT
-    if not run_dir.is_dir():
-        raise MetaifError(f"run directory {run_dir} does not exist; pass run=<a directory written by metaif train>")
-    if not path.exists() or not (run_dir / C.RESULTS_JSON).exists():
-        raise MetaifError(f"{run_dir} holds no finished training run ({C.MODEL_PT} or {C.RESULTS_JSON} missing); "
-                          "finish it by rerunning the same metaif train command")
-    saved = load_torch(path, f"rerun the metaif train command that wrote {run_dir} to rewrite it",
-                       keys=("config", "lam", "model_args"))
-    load_json(run_dir / C.RESULTS_JSON, f"rerun the metaif train command that wrote {run_dir} to rewrite it")
-    if saved.get("format_version") != C.FORMAT_VERSION:
-        raise MetaifError(f"{path} was written by an incompatible metaif version "
-                          f"(format {saved.get('format_version')}, expected {C.FORMAT_VERSION}); retrain it")
-    return saved
