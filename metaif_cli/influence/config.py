@@ -1,5 +1,5 @@
 """Typed configuration of the influence computation: the total Hessian, the iHVP solver and the
-evaluation function (SPEC sections 1-3).
+evaluation function (method §1-3).
 
 :class:`InfluenceSettings` is what :mod:`metaif_cli.influence.compute` reads: any object with
 these attributes (``metaif score``'s :class:`~metaif_cli.score.config.ScoreConfig` is one), so
@@ -21,7 +21,7 @@ EVALUATIONS = ("mean_loss", "per_task", "margin")
 
 @dataclass
 class HessianConfig:
-    """The total Hessian ``H`` (SPEC section 2): form, damping ``delta``, Gamma scale ``c``.
+    """The total Hessian ``H`` (method §2): form, damping ``delta``, Gamma scale ``c``.
 
     ``form``: ``gauss_newton`` (the default, chosen by the LDS benchmark: docs/results.md "Fidelity"),
     ``exact`` (the paper's total Hessian, third-order terms included), ``no_third_order`` or
@@ -101,7 +101,7 @@ class HessianConfig:
 
 @dataclass
 class SolverConfig:
-    """The iHVP solver (SPEC section 2) and its settings."""
+    """The iHVP solver (method §2) and its settings."""
 
     name: str = "cg"
     max_iter: int = 100
@@ -122,7 +122,7 @@ class SolverConfig:
 
 @dataclass
 class EvaluationConfig:
-    """The evaluation function ``f`` (SPEC section 1): on how many meta-test tasks, and which form.
+    """The evaluation function ``f`` (method §1): on how many meta-test tasks, and which form.
 
     ``mean_loss``: mean query loss after adaptation; ``per_task``: also a train x test
     score matrix; ``margin``: mean of (largest wrong logit - true logit), an accuracy surrogate.
@@ -138,7 +138,7 @@ class EvaluationConfig:
 
 
 class InfluenceSettings(Protocol):
-    """The settings the influence computation reads (SPEC sections 2-3)."""
+    """The settings the influence computation reads (method §2-3)."""
 
     hessian: HessianConfig
     solver: SolverConfig

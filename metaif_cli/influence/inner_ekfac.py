@@ -1,4 +1,4 @@
-"""EK-FAC inner inverse-Hessian products for implicit mode (iMAML; paper section 5.1, SPEC section 2).
+"""EK-FAC inner inverse-Hessian products for implicit mode (iMAML; paper section 5.1, method §2).
 
 Implicit mode needs ``H_in^{-1} b`` with ``H_in = grad2_phi L_I(phi_k) + eta I`` for every
 task, several times per task and per Hessian product (``J^T g = eta H_in^{-1} g``).

@@ -1,4 +1,4 @@
-"""Your own network as a metaif model (``model=custom``; SPEC section 1, "Known trap").
+"""Your own network as a metaif model (``model=custom``; method §1, "Known trap").
 
 ``model.factory="package.module:make_net"`` (or ``"path/to/file.py:make_net"``) is imported
 and called once with ``model.kwargs``; the ``nn.Module`` it returns becomes a

@@ -1,4 +1,4 @@
-"""Typed configuration of ``metaif score`` (SPEC sections 2-4): the root config, shard and unit
+"""Typed configuration of ``metaif score`` (method §2-4): the root config, shard and unit
 references, and the settings that determine the scores.
 """
 

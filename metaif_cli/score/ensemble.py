@@ -1,4 +1,4 @@
-"""Ensembles of scores (issue 10; SPEC section 3): the mean of one method's scores over members.
+"""Ensembles of scores (issue 10; method §3): the mean of one method's scores over members.
 
 - ``ensemble.checkpoints=K``: the final parameters and the last ``K - 1`` intermediate
   checkpoints saved before them, each scored at its own ``lam`` (its own ``s``, damping and
