@@ -196,11 +196,6 @@ def check_layers(net: nn.Module) -> None:
                               "norm layers")
 
 
-def state_key(key: str, head: str) -> str:
-    """The metaif name (``body.*``/``head.*``) of a key of the user network's state dict."""
-    return f"head.{key[len(head) + 1:]}" if key.startswith(head + ".") else f"body.{key}"
-
-
 def build_user_net(factory: str, kwargs: Mapping[str, Any], seed: int) -> nn.Module:
     """Call the factory once, under ``seed``; the network as the user wrote it (norms unconverted)."""
     fn = load_factory(factory)
