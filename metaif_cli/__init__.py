@@ -1,7 +1,7 @@
 """metaif: task- and instance-level influence functions for meta-learning.
 
 Implements Ren et al., "Evaluating Data Influence in Meta Learning" (ICLR 2026);
-see SPEC.md for the mathematics and conventions.
+see docs/method.md for the mathematics and conventions.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The Python API of metaif: your own data, your own weights, scores as DataFrames (SPEC sections 1-3).
+"""The Python API of metaif: your own data, your own weights, scores as DataFrames (method §1-3).
 
 Beside the ``metaif`` command line and on the same implementation: :func:`score` runs the
 pipeline of ``metaif score`` (:func:`metaif_cli.score.pipeline.score`) and

@@ -1,4 +1,4 @@
-"""Canonical form of an object before ``torch.save``: equal content gives equal bytes (no SPEC
+"""Canonical form of an object before ``torch.save``: equal content gives equal bytes (no method
 section: plumbing of the run directory, README "byte-identical .pt files").
 
 ``torch.save`` pickles, and a pickle records object identity: a string or a tensor storage

@@ -1,4 +1,4 @@
-"""Value checks shared by the typed configs' ``__post_init__`` (every SPEC section's settings).
+"""Value checks shared by the typed configs' ``__post_init__`` (every method section's settings).
 
 Each check raises :class:`~metaif_cli.errors.MetaifError` with the fix in the message. Every
 numeric check is written so that NaN and infinity fail it (``not value > 0`` rather than

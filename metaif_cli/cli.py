@@ -1,4 +1,4 @@
-"""The ``metaif`` command: ``metaif <command> [hydra overrides]`` (top layer; SPEC sections 1-6
+"""The ``metaif`` command: ``metaif <command> [hydra overrides]`` (top layer; method §1-6
 through the command packages).
 
 Dispatches to the ``command.py`` module of each command package (``train/``, ``score/``,

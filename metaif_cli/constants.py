@@ -1,5 +1,5 @@
 """Names of every file metaif writes, in one place (STYLE, kronfluence's constants); the score
-column's sign convention (SPEC section 3)."""
+column's sign convention (method §3)."""
 
 # metaif train
 TASKS_CSV = "tasks.csv"
@@ -46,7 +46,7 @@ LDS_SUBSETS_CSV = "lds_subsets.csv"
 LDS_SUMMARY_JSON = "lds_summary.json"
 LDS_SCATTER_PNG = "lds_scatter.png"
 
-# the sign convention, stated in every score column name (SPEC section 3)
+# the sign convention, stated in every score column name (method §3)
 SCORE_COLUMN = "pred_delta_test_loss"
 
 FORMAT_VERSION = 1

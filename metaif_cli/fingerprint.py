@@ -1,5 +1,5 @@
 """Content fingerprints: what an artefact was computed from, recorded beside it and checked on
-read (no SPEC section: plumbing of the run directory).
+read (no method section: plumbing of the run directory).
 
 A fingerprint is a SHA-256 hex digest of bytes: of a file (:func:`file_digest`), of several
 files (:func:`files_digest`, e.g. a run's ``model.pt`` and ``tasks.csv``) or of a dataset's

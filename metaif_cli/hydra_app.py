@@ -1,5 +1,5 @@
 """Hydra glue used only by the ``command.py`` modules: run a command as a Hydra app, typed configs
-out of Hydra, the run directory, quiet third-party loggers (no SPEC section: plumbing).
+out of Hydra, the run directory, quiet third-party loggers (no method section: plumbing).
 
 Each command is its own Hydra app with its own root config in ``conf/`` (STYLE,
 lightning-hydra-template: Hydra stays in the command layer). A :class:`MetaifError` or a

@@ -1,5 +1,5 @@
 """One command at a time per output folder, and no command writing into another's folder
-(no SPEC section: plumbing of the run directory, STYLE "the run directory is the interface").
+(no method section: plumbing of the run directory, STYLE "the run directory is the interface").
 
 :func:`owned_dir` holds an advisory lock (``fcntl.flock`` on ``<folder>/.metaif.lock``) while
 a command reads, checks and writes a folder. A second command on the same folder waits

@@ -1,4 +1,4 @@
-"""Progress bars and log lines that read cleanly in a terminal and in a log file (no SPEC section: plumbing).
+"""Progress bars and log lines that read cleanly in a terminal and in a log file (no method section: plumbing).
 
 - On a terminal, a tqdm bar as usual.
 - Elsewhere (stderr sent to a file, a pipe, ``nohup``, SLURM, ``| tee``) no bar and no carriage

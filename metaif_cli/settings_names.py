@@ -1,4 +1,4 @@
-"""The names of a command's settings, for the hints of :mod:`metaif_cli.hydra_app` (no SPEC section:
+"""The names of a command's settings, for the hints of :mod:`metaif_cli.hydra_app` (no method section:
 plumbing): every dotted setting of a config dataclass, whether a name is one, and the closest
 one to a mistyped name (``datset`` -> ``dataset``, ``optim.stepz`` -> ``optim.steps``).
 """

@@ -43,7 +43,7 @@ nothing and rebuilds the table from the LDS runs already in ``--out``.
 
 Each row also holds its LDS minus the default's (``if`` with the Gauss-Newton Hessian, 5
 checkpoints and damping 0.1 of the largest eigenvalue) with a paired bootstrap interval (the same resampled subsets score both): the
-test of "beats" and "tied" used in the README.
+test of "beats" and "tied" used in docs/results.md.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def lds_rows(dataset: str, unit: str, run: Path, out: Path) -> list[dict]:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The README table: LDS [interval], ceiling, ratio, difference to the default [paired interval], scoring seconds."""
+    """The docs/results.md table: LDS [interval], ceiling, ratio, difference to the default [paired interval], scoring seconds."""
     lines = ["| dataset | unit | method | LDS [95% CI] | ceiling | LDS/ceiling | null band | minus default [95% CI] | "
              "scoring s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):

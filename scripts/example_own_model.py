@@ -1,4 +1,4 @@
-"""Score your own meta-learner: your images, your network, your training loop (README "Your own data and model").
+"""Score your own meta-learner: your images, your network, your training loop (docs/reference.md "Your own data and model").
 
 What a user does, start to end:
 

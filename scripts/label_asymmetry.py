@@ -1,4 +1,4 @@
-"""Is a label that stands out among the instance scores the model's or a fault? (issue 23; SPEC section 3.)
+"""Is a label that stands out among the instance scores the model's or a fault? (issue 23; method §3.)
 
 Tasks draw their classes in random order and label them by position (``data/pool.py``), so a label
 is not a class: a label whose instances score differently can only come from the model, whose

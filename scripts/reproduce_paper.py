@@ -1,4 +1,4 @@
-"""Reproduce the paper's experiments E1-E4 (SPEC section 6) at CPU scale on real data.
+"""Reproduce the paper's experiments E1-E4 (method §6) at CPU scale on real data.
 
 Runs the ``metaif`` command line (so what is measured is what users run) on the real
 Omniglot subset and the real MNIST test digits in ``../shared/data``:

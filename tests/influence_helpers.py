@@ -1,6 +1,6 @@
 """Independent float64 reference implementations for ``tests/test_influence.py``.
 
-Everything here is written from the definitions of SPEC sections 1-3, not from
+Everything here is written from the definitions of method §1-3, not from
 ``metaif_cli.influence``: the unrolled inner loop, the proximal (iMAML) inner solution by
 Newton's method, dense implicit total gradients and total Hessians (third-order term
 included), the meta-objective ``F`` and the evaluation function ``f``, and a full-batch

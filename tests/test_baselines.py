@@ -1,4 +1,4 @@
-"""The library baselines ``ekfac_if`` (kronfluence) and ``trak`` (traker), SPEC section 4.
+"""The library baselines ``ekfac_if`` (kronfluence) and ``trak`` (traker), method §4.
 
 - on a tiny float64 problem whose exact Hessian is a Gauss-Newton matrix (a linear head on
   fixed features: cross-entropy of a linear model), kronfluence's EK-FAC influence ranks

@@ -1,4 +1,4 @@
-"""``hessian.form=gauss_newton`` (SPEC section 2) against an explicit ``J^T H J`` (float64, tiny).
+"""``hessian.form=gauss_newton`` (method §2) against an explicit ``J^T H J`` (float64, tiny).
 
 - unrolled (MAML, ANIL), Direct-IF (no adaptation) and implicit (iMAML): the dense matrix of
   the problem's products equals ``(1/m) sum_k w_k J_k^T H_k J_k + delta_reg I`` with ``J_k``

@@ -1,4 +1,4 @@
-"""Influence functions (SPEC sections 2-3) against independent float64 references.
+"""Influence functions (method §2-3) against independent float64 references.
 
 - total gradients = central finite differences of the meta-objective (unrolled; implicit with
   the inner problem solved by Newton to machine precision);
@@ -10,7 +10,7 @@
   a strongly convex problem (fixed random body, meta-learned head, outer L2);
 - Direct-IF = the classic influence function by hand; error handling.
 
-The helpers in ``influence_helpers.py`` re-implement the mathematics from SPEC; only the
+The helpers in ``influence_helpers.py`` re-implement the mathematics of docs/method.md; only the
 network forward pass is shared with the code under test.
 """
 
@@ -169,7 +169,7 @@ def test_unrolled_exact_hvp_matches_dense_hessian(unrolled, index):
 
 
 def test_unrolled_exact_hvp_matches_finite_differences(unrolled):
-    """The SPEC's known trap: batch norm under third-order derivatives; check H v against FD of grad F."""
+    """The the known trap of method §2: batch norm under third-order derivatives; check H v against FD of grad F."""
     st = unrolled
     g = grad(H.ref_F_unrolled(st.learner, st.spec, st.train, DELTA_REG))
     v, eps = rand_vec(len(st.theta), 7), 1e-5
@@ -423,7 +423,7 @@ def test_task_only_pass_equals_full_pass(key):
 
 
 def test_implicit_support_scores_without_third_order_term(implicit):
-    """``support_third_order=False`` drops exactly ``m^T b_j`` (SPEC section 3, two-stage support IF)."""
+    """``support_third_order=False`` drops exactly ``m^T b_j`` (method §3, two-stage support IF)."""
     st = implicit
     model, eta, n = st.learner.model, st.learner.cfg.eta, st.n
     problem = H.make_problem(st.learner, st.spec, st.train, st.test, DELTA_REG, inner_tol=1e-12, cg_tol=1e-12,

@@ -1,5 +1,5 @@
-"""The package layout (README "Design"): imports flow down the layers, no cycles, no borrowed
-private names, Hydra only in the command layer, a docstring naming the job and the SPEC sections
+"""The package layout (docs/design.md): imports flow down the layers, no cycles, no borrowed
+private names, Hydra only in the command layer, a docstring naming the job and the sections of docs/method.md it implements
 atop every module, no file over 300 lines.
 
 The checker parses every ``import`` in ``metaif_cli/`` with :mod:`ast`, function-level and
@@ -10,6 +10,7 @@ violation cannot pass unnoticed.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ LAYERS: dict[str, int] = {
 }
 CORE = 1
 BASE_NO_SPEC = {"__init__", "errors", "io", "hydra_app", "hydra_rundir", "checks", "progress", "canonical", "ownership", "fingerprint",
-                "settings_names"}  # plumbing: no SPEC section to cite
+                "settings_names"}  # plumbing: no method section to cite
 HYDRA_MODULES = ("hydra", "omegaconf", f"{PACKAGE}.hydra_app", f"{PACKAGE}.hydra_rundir")
 # The run directory's file names: a core module importing them would be reading a run directory.
 CORE_FORBIDDEN = HYDRA_MODULES + (f"{PACKAGE}.constants",)
@@ -94,7 +95,7 @@ def layer_of(module: str, layers: dict[str, int], package: str = PACKAGE) -> int
     top = parts[1] if len(parts) > 1 else "__init__"
     if top not in layers:
         raise KeyError(f"{module}: {top!r} has no layer; add it to LAYERS in tests/test_layout.py and to the "
-                       "README's Design section")
+                       "docs/design.md")
     return layers[top]
 
 
@@ -207,8 +208,8 @@ def test_docstrings_name_job_and_spec_sections(package):
         top = mod.split(".")[1] if "." in mod else "__init__"
         if not doc:
             missing.append(f"{mod}: no module docstring")
-        elif "SPEC" not in doc and top not in BASE_NO_SPEC:
-            missing.append(f"{mod}: the docstring names no SPEC section")
+        elif not re.search(r"method\s+§", doc) and top not in BASE_NO_SPEC:
+            missing.append(f"{mod}: the docstring names no section of docs/method.md (method §N)")
     assert missing == []
 
 
@@ -264,3 +265,38 @@ def test_checker_passes_a_clean_synthetic_package(tmp_path):
     assert upward_imports(edges, layers, "pkg") == []
     assert cycles(edges) == []
     assert private_imports(edges, "pkg") == []
+
+
+# ----------------------------------------------------------------------------- citations of the method
+
+METHOD_MD = ROOT.parent / "docs" / "method.md"
+
+
+def method_sections() -> tuple[set[str], set[str]]:
+    """Section numbers (``2``, ``7.1``) and equation numbers (``3.3``) of docs/method.md."""
+    import re
+
+    text = METHOD_MD.read_text()
+    sections = set(re.findall(r"^#{2,4} (\d+(?:\.\d+)?)\.? ", text, re.M))
+    equations = set(re.findall(r"^\s*\((\d+\.\d+)\)", text, re.M))
+    return sections, equations
+
+
+def test_every_method_citation_resolves():
+    """Every ``method §N``/``§N.k``/``§N-M`` and ``method (N.k)`` in the package names a section or
+    an equation that docs/method.md has (the code cites the project's own method document)."""
+    import re
+
+    sections, equations = method_sections()
+    assert {"1", "2", "3", "4", "5", "6", "7", "7.2", "8.5"} <= sections and "3.3" in equations
+    bad = []
+    for path in sorted(ROOT.rglob("*.py")):
+        text = path.read_text()
+        for m in re.finditer(r"§(\d+(?:\.\d+)?)(?:-(\d+))?", text):
+            for ref in filter(None, m.groups()):
+                if ref not in sections:
+                    bad.append(f"{path.name}: §{ref}")
+        for m in re.finditer(r"method\s+\((\d+\.\d+)\)", text):
+            if m.group(1) not in equations:
+                bad.append(f"{path.name}: ({m.group(1)})")
+    assert bad == []

@@ -1,4 +1,4 @@
-"""``protocol=lds``, seed-averaged retraining and the noise ceiling (issue 9; SPEC section 5).
+"""``protocol=lds``, seed-averaged retraining and the noise ceiling (issue 9; method §5).
 
 Statistics are checked against direct computations on hand-made numbers; the protocol runs
 on tiny digits runs (a few Adam steps, meta-batches of 4) through the command line and the

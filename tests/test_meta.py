@@ -1,4 +1,4 @@
-"""The meta-learners (SPEC sections 1-2) against hand formulas and numerical oracles, in float64.
+"""The meta-learners (method §1-2) against hand formulas and numerical oracles, in float64.
 
 - one inner SGD step equals its closed form (softmax cross-entropy gradients by hand);
 - ANIL adapts ``head.*`` only; first-order MAML/ANIL drop exactly the second-order term;
@@ -241,7 +241,7 @@ def _with_builtin_batch_norm(model: MetaModel) -> MetaModel:
 
 @pytest.mark.parametrize("name", ["mlp", "cnn4"])
 def test_known_trap_builtin_batch_norm(name, tiny_model_factory, tiny_tasks):
-    """SPEC "Known trap": F.batch_norm's third-order derivatives are wrong, the primitive norm's are not.
+    """method §2 "Known trap": F.batch_norm's third-order derivatives are wrong, the primitive norm's are not.
 
     Recorded on torch 2.14.1: the meta-HVP error of the builtin is ~0.6 (mlp) and ~0.66 (cnn4),
     the primitive's ~1e-10. The vmap half of the trap (functorch issue 534) does not show

@@ -1,4 +1,4 @@
-"""iHVP solvers (SPEC section 2) against the dense float64 oracle on tiny matrices."""
+"""iHVP solvers (method §2) against the dense float64 oracle on tiny matrices."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Support-instance scores of every meta-learner and order against leave-one-out retraining
-(SPEC section 3; issue 10: first order must not cut the dependence on the support weights).
+(method §3; issue 10: first order must not cut the dependence on the support weights).
 
 Tiny float64 problems (fixed random body, meta-learned head, outer L2). Second order and
 iMAML retrain by Newton on ``F``; first order retrains by Newton on the first-order

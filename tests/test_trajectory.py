@@ -1,4 +1,4 @@
-"""``method=trajectory`` (SPEC section 5): the functional optimiser steps equal ``torch.optim``'s,
+"""``method=trajectory`` (method §5): the functional optimiser steps equal ``torch.optim``'s,
 the scores equal central finite differences of real training (the whole ``metaif train`` loop
 with one unit's weight perturbed), replay in segments equals replay without, and the scores
 rank cold same-seed leave-one-out changes. Float64, tiny runs on the bundled digits.

@@ -1,1 +1,1 @@
-"""Datasets, their registry and the seeded task pools drawn from them (SPEC sections 1 and 6)."""
+"""Datasets, their registry and the seeded task pools drawn from them (method §1 and §6)."""

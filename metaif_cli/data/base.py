@@ -1,4 +1,4 @@
-"""The in-memory image dataset every loader returns (SPEC section 1).
+"""The in-memory image dataset every loader returns (method §1).
 
 A loader turns files on disk into an :class:`ImageDataset`: all images as one float
 tensor, an integer class per image, and optionally a fixed class split. The instance id

@@ -1,4 +1,4 @@
-"""Compact storage of a dataset's images and their conversion to the compute dtype (SPEC section 1).
+"""Compact storage of a dataset's images and their conversion to the compute dtype (method §1).
 
 Images read from 8-bit files are kept as ``uint8`` (a quarter of float32, an eighth of
 float64) and converted per chunk of tasks by :func:`to_float`, the loaders' own conversion

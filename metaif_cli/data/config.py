@@ -1,5 +1,5 @@
 """Typed configuration of the data: where datasets live, the few-shot tasks, label corruption
-(SPEC sections 1 and 6).
+(method §1 and §6).
 
 Dataclasses only; Hydra composes ``conf/train/dataset/*.yaml`` on top of them in the command
 layer, the core receives them as plain objects.
@@ -28,7 +28,7 @@ class DataConfig:
 
 @dataclass
 class DatasetConfig:
-    """The dataset and the few-shot tasks drawn from it (SPEC section 1)."""
+    """The dataset and the few-shot tasks drawn from it (method §1)."""
 
     name: str = "digits"
     ways: int = 5
@@ -67,7 +67,7 @@ class DatasetConfig:
 
 @dataclass
 class CorruptionConfig:
-    """Label corruption for the harmful-data experiments (SPEC section 6).
+    """Label corruption for the harmful-data experiments (method §6).
 
     ``task_mode``: ``permute`` shuffles the labels among a task's instances (support and
     query independently), ``replace`` gives every instance a random wrong label, ``shift``

@@ -1,4 +1,4 @@
-"""Checked decoding shared by the loaders (SPEC section 1: images in [0, 1]): value ranges and decoder errors.
+"""Checked decoding shared by the loaders (method §1: images in [0, 1]): value ranges and decoder errors.
 
 Two kinds of fault are closed here for every loader:
 

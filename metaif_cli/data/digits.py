@@ -1,4 +1,4 @@
-"""Load scikit-learn's bundled handwritten digits as an :class:`ImageDataset` (SPEC section 1: the
+"""Load scikit-learn's bundled handwritten digits as an :class:`ImageDataset` (method §1: the
 images tasks are drawn from; the built-in default dataset).
 
 1,797 grey 8x8 images with values 0..16, shipped inside scikit-learn, so this dataset

@@ -1,4 +1,4 @@
-"""Load any ImageFolder-style directory of class subfolders as an :class:`ImageDataset` (SPEC section 1).
+"""Load any ImageFolder-style directory of class subfolders as an :class:`ImageDataset` (method §1).
 
 Layout (torchvision's ``ImageFolder``): ``<path>/<class>/<image>.{png,jpg,jpeg}``; or, to fix
 the class split, ``<path>/{train,val,test}/<class>/<image>`` (all three present). Files are

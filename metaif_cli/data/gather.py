@@ -1,4 +1,4 @@
-"""Tasks gathered chunk by chunk from compact images (SPEC section 1; memory of every pass over tasks).
+"""Tasks gathered chunk by chunk from compact images (method §1; memory of every pass over tasks).
 
 A pool is index tensors into the dataset's images. The images stay in a compact form
 (``uint8`` where every value is ``k/255``, as read from PNG or pickle files; else the

@@ -1,5 +1,5 @@
 """Load Mini-ImageNet (Vinyals et al.; Ravi & Larochelle split) as an :class:`ImageDataset`
-(SPEC section 6: the dataset of E1-E2).
+(method §6: the dataset of E1-E2).
 
 Two on-disk formats are read, from ``root``, ``root/miniimagenet`` or
 ``root/mini-imagenet``:

@@ -1,4 +1,4 @@
-"""Load MNIST from its official IDX files as an :class:`ImageDataset` (SPEC section 6:
+"""Load MNIST from its official IDX files as an :class:`ImageDataset` (method §6:
 the dataset of E3).
 
 Looks for ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,

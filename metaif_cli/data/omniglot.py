@@ -1,5 +1,5 @@
 """Load Omniglot (Lake et al.) as an :class:`ImageDataset`, one class per character
-(SPEC section 6: the dataset of E1, E2 and E4).
+(method §6: the dataset of E1, E2 and E4).
 
 Reads any of the layouts Omniglot ships in, under ``root`` or ``root/omniglot``:
 torchvision's ``omniglot-py/images_background/<alphabet>/<character>/*.png``, the

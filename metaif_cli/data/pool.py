@@ -1,4 +1,4 @@
-"""Fixed, seeded task pools with stable ids (SPEC section 1) and label corruption (section 6).
+"""Fixed, seeded task pools with stable ids (method §1) and label corruption (section 6).
 
 A pool is drawn once from the run's seed: every task keeps its ``task_id`` and every
 instance its ``instance_id`` (row of the dataset), so scores trace back to data.

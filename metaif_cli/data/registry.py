@@ -1,4 +1,4 @@
-"""Map a dataset name from the config to its loader (SPEC section 1).
+"""Map a dataset name from the config to its loader (method §1).
 
 The one place the command layer calls to get an :class:`ImageDataset`; names are short
 registry keys, never import paths, so saved runs do not depend on module layout.

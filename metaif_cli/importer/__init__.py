@@ -1,1 +1,1 @@
-"""``metaif import``: a run directory from weights trained elsewhere (issue 12; SPEC section 1)."""
+"""``metaif import``: a run directory from weights trained elsewhere (issue 12; method §1)."""

@@ -1,5 +1,5 @@
 """``metaif import run_dir=<new> weights=<state_dict file> [model=... dataset=... meta=... optim...]``:
-the Hydra entry point of the ``importer`` command package (SPEC section 1).
+the Hydra entry point of the ``importer`` command package (method §1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Typed configuration of ``metaif import`` (``conf/train/import.yaml``; SPEC section 1: the settings of a run)."""
+"""Typed configuration of ``metaif import`` (``conf/train/import.yaml``; method §1: the settings of a run)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Write a run directory that ``metaif score`` and ``prune-and-retrain`` accept, from given ``lam``
-(SPEC section 1: the run directory is the interface between commands).
+(method §1: the run directory is the interface between commands).
 
 The directory holds what ``metaif train`` writes except its training history: the saved
 config (the meta-learning settings the weights were trained with, used by every retraining),

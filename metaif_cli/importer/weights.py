@@ -1,4 +1,4 @@
-"""Read a ``state_dict`` saved elsewhere and fit it to a metaif model (``lam``; SPEC section 1).
+"""Read a ``state_dict`` saved elsewhere and fit it to a metaif model (``lam``; method §1).
 
 Accepted: a plain ``model.state_dict()``, learn2learn's ``MAML(model).state_dict()`` (every key
 prefixed ``module.``), ``torch.nn.DataParallel``'s (also ``module.``), or a dict holding one under

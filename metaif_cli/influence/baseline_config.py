@@ -1,4 +1,4 @@
-"""Settings of the library baselines ``ekfac_if`` (kronfluence) and ``trak`` (traker), SPEC section 4.
+"""Settings of the library baselines ``ekfac_if`` (kronfluence) and ``trak`` (traker), method §4.
 
 Both are typed, validated on construction (NaN and ranges) and raise one-line
 :class:`~metaif_cli.errors.MetaifError` messages that name the fix.

@@ -1,5 +1,5 @@
 """``chunk=auto``: how many tasks one vmapped call over tasks holds, from a memory budget and the
-model's size (SPEC sections 2-3: the Hessian products and the unit pass are sums and maps over tasks).
+model's size (method §2-3: the Hessian products and the unit pass are sums and maps over tasks).
 
 One task of a chunk holds, through the ``K`` inner steps of its adaptation and the
 forward-over-reverse derivatives of the unit pass (the costliest pass), about

@@ -1,4 +1,4 @@
-"""Influence scores and baselines for every unit of a training pool (SPEC sections 2-4).
+"""Influence scores and baselines for every unit of a training pool (method §2-4).
 
 ``compute_scores`` runs one method end to end on a built problem:
 

@@ -1,5 +1,5 @@
 """Typed configuration of the influence computation: the total Hessian, the iHVP solver and the
-evaluation function (SPEC sections 1-3).
+evaluation function (method §1-3).
 
 :class:`InfluenceSettings` is what :mod:`metaif_cli.influence.compute` reads: any object with
 these attributes (``metaif score``'s :class:`~metaif_cli.score.config.ScoreConfig` is one), so
@@ -21,9 +21,9 @@ EVALUATIONS = ("mean_loss", "per_task", "margin")
 
 @dataclass
 class HessianConfig:
-    """The total Hessian ``H`` (SPEC section 2): form, damping ``delta``, Gamma scale ``c``.
+    """The total Hessian ``H`` (method §2): form, damping ``delta``, Gamma scale ``c``.
 
-    ``form``: ``gauss_newton`` (the default, chosen by the LDS benchmark: README "Fidelity"),
+    ``form``: ``gauss_newton`` (the default, chosen by the LDS benchmark: docs/results.md "Fidelity"),
     ``exact`` (the paper's total Hessian, third-order terms included), ``no_third_order`` or
     ``gamma`` (the paper's positive-definite variant).
 
@@ -81,7 +81,7 @@ class HessianConfig:
         """``damping``, or when unset the form's default: ``gauss_newton`` with ``auto_damping`` 0.1
         (a fraction of ``lambda_max``: as accurate by the LDS benchmark as 0.01 on three datasets,
         with a condition number of at most 11 instead of 101, so CG needs far fewer products;
-        README "Fidelity"), every other case 0.01 (an absolute damping)."""
+        docs/results.md "Fidelity"), every other case 0.01 (an absolute damping)."""
         if self.damping is not None:
             return self.damping
         return 0.1 if self.relative_damping else 0.01
@@ -92,7 +92,7 @@ class HessianConfig:
         more). ``gauss_newton`` with ``auto_damping``: 8, as the damping needs ``lambda_max`` only;
         on the ``omniglot_cpu`` run and on digits, 8 steps give the same damping as 20 to 6-8
         significant digits and task scores with Spearman 1.0000 against 20 steps, for 0.4 of the
-        solve's time (``scripts/bench_score.py``, README "Scoring speed"). Every other case: 20 (the most
+        solve's time (``scripts/bench_score.py``, docs/results.md "Speed"). Every other case: 20 (the most
         negative eigenvalue of an indefinite ``H`` is found later)."""
         if self.lanczos_iters is not None:
             return self.lanczos_iters
@@ -101,7 +101,7 @@ class HessianConfig:
 
 @dataclass
 class SolverConfig:
-    """The iHVP solver (SPEC section 2) and its settings."""
+    """The iHVP solver (method §2) and its settings."""
 
     name: str = "cg"
     max_iter: int = 100
@@ -122,7 +122,7 @@ class SolverConfig:
 
 @dataclass
 class EvaluationConfig:
-    """The evaluation function ``f`` (SPEC section 1): on how many meta-test tasks, and which form.
+    """The evaluation function ``f`` (method §1): on how many meta-test tasks, and which form.
 
     ``mean_loss``: mean query loss after adaptation; ``per_task``: also a train x test
     score matrix; ``margin``: mean of (largest wrong logit - true logit), an accuracy surrogate.
@@ -138,7 +138,7 @@ class EvaluationConfig:
 
 
 class InfluenceSettings(Protocol):
-    """The settings the influence computation reads (SPEC sections 2-3)."""
+    """The settings the influence computation reads (method §2-3)."""
 
     hessian: HessianConfig
     solver: SolverConfig

@@ -1,12 +1,12 @@
-"""EK-FAC influence functions without the inner level, computed by kronfluence (SPEC section 4).
+"""EK-FAC influence functions without the inner level, computed by kronfluence (method §4).
 
 The paper's "EK-FAC IF" baseline: the classic influence function applied to the
 meta-learner's network at ``lam`` as if meta-training were ordinary supervised training,
 with the Hessian replaced by kronfluence's eigenvalue-corrected Kronecker-factored
 Gauss-Newton (George et al. 2018; Grosse et al. 2023).
 
-**What a training example is.** Without the inner level the meta-objective of SPEC
-section 1 becomes ``F(lam) = (1/n) sum_k w_k (1/|Q|) sum_j v_kj l(lam; z_kj) +
+**What a training example is.** Without the inner level the meta-objective of method
+§1 becomes ``F(lam) = (1/n) sum_k w_k (1/|Q|) sum_j v_kj l(lam; z_kj) +
 (delta_reg/2)||lam||^2``: the query instances of the training tasks are the only data in
 it (support sets only act through the adaptation, which is dropped). So the training
 examples are the **query instances**, and kronfluence fits its factors on them (each
@@ -24,7 +24,7 @@ through adaptation), one task's support set per batch.
 query gradients (``aggregate_query_gradients``), so ``a_j = score_j / N_test`` is
 ``D f^T (G + damping)^{-1} g_j``. Removing ``j`` (its weight 1 -> 0) moves ``lam`` by
 ``+(1/(n|Q|)) H^{-1} g_j`` and ``f`` by ``+a_j/(n|Q|)``. Hence, with metaif's
-``pred_delta_test_loss`` (negative = harmful; SPEC section 3), **no sign flip**, only a
+``pred_delta_test_loss`` (negative = harmful; method §3), **no sign flip**, only a
 scale:
 
 - query instance ``j`` of task ``k``: ``w_k a_j / (n |Q|)``;

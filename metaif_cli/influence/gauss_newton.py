@@ -1,4 +1,4 @@
-"""The Gauss-Newton total Hessian (SPEC section 2, ``hessian.form=gauss_newton``).
+"""The Gauss-Newton total Hessian (method §2, ``hessian.form=gauss_newton``).
 
 ``G = (1/m) sum_k w_k J_k^T H_k J_k + delta_reg I`` with ``J_k`` the Jacobian of the query
 logits after adaptation with respect to ``lam`` (through the inner level) and ``H_k`` the

@@ -1,4 +1,4 @@
-"""Implicit-mode (iMAML) total derivatives and scores (SPEC sections 2-3; paper Thm 4.1, Prop. 4.8).
+"""Implicit-mode (iMAML) total derivatives and scores (method §2-3; paper Thm 4.1, Prop. 4.8).
 
 For each task the inner problem is solved to ``inner_tol``; with ``H_in = grad2_phi L_I + eta I``
 (``L_I`` the weighted support loss) and ``J = eta H_in^{-1}`` (symmetric):

@@ -1,4 +1,4 @@
-"""EK-FAC inner inverse-Hessian products for implicit mode (iMAML; paper section 5.1, SPEC section 2).
+"""EK-FAC inner inverse-Hessian products for implicit mode (iMAML; paper section 5.1, method §2).
 
 Implicit mode needs ``H_in^{-1} b`` with ``H_in = grad2_phi L_I(phi_k) + eta I`` for every
 task, several times per task and per Hessian product (``J^T g = eta H_in^{-1} g``).
@@ -26,7 +26,7 @@ Construction, for one task with support weights ``u`` and ``L_I = (1/|S|) sum_j 
 Differences from the exact solve: the Gauss-Newton matrix drops the residual term of the
 Hessian (second derivatives of the logits), layers are independent (block diagonal), and
 each block is Kronecker-factored. The error is measured against CG and the dense solve
-in ``tests/test_inner_ekfac.py`` and reported in the README.
+in ``tests/test_inner_ekfac.py`` and reported in docs/results.md.
 
 Why not kronfluence: its factors come from forward and backward hooks on an ``nn.Module``
 driven by a ``DataLoader`` and are stored on disk per analysis; metaif's inner level runs

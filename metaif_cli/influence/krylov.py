@@ -1,5 +1,5 @@
 """Lanczos on the total Hessian: its extreme eigenvalues and the damped solve from one
-Krylov basis (SPEC section 2, ``hessian.auto_damping`` with ``solver.name=cg``).
+Krylov basis (method §2, ``hessian.auto_damping`` with ``solver.name=cg``).
 
 ``H`` may be indefinite, so the damping is raised above ``-lambda_min``. Lanczos started
 at ``b`` gives both at once. Its tridiagonal ``T_k = Q_k^T H Q_k`` has Ritz values that

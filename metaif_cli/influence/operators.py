@@ -1,4 +1,4 @@
-"""Shared pieces of the iHVP solvers (SPEC section 2): the operator types, the damped operator
+"""Shared pieces of the iHVP solvers (method §2): the operator types, the damped operator
 ``v -> (H + delta I) v``, float64 norms and dot products, the true relative residual and
 the result every solver returns. Used by :mod:`solvers`, :mod:`series` and :mod:`krylov`.
 """

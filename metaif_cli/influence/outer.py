@@ -1,4 +1,4 @@
-"""Per-instance outer functions: query losses and the accuracy-margin surrogate (SPEC section 1).
+"""Per-instance outer functions: query losses and the accuracy-margin surrogate (method §1).
 
 ``instance_values(params, x, y, kind)`` returns one number per instance: the
 cross-entropy (``mean_loss``, ``per_task``) or the margin ``max_{c != y} z_c - z_y``
@@ -27,5 +27,5 @@ def instance_values(learner: MetaLearner, params: Params, x: Tensor, y: Tensor, 
 
 
 def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
-    """``(1/|Q|) sum_j v_j values_j`` with the fixed normaliser of SPEC section 1."""
+    """``(1/|Q|) sum_j v_j values_j`` with the fixed normaliser of method §1."""
     return (weights * values).sum() / weights.shape[-1]

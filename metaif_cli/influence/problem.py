@@ -1,5 +1,5 @@
 """The weighted bilevel problem in flat coordinates: total gradients, total-Hessian products
-and unit scores (SPEC sections 1-3).
+and unit scores (method §1-3).
 
 A problem holds the training tasks with their weights (``w``, ``u``, ``v``), the
 evaluation tasks, and the meta-learner. ``theta`` is the flat vector of ``lam``.
@@ -10,7 +10,7 @@ Three derivative modes share one interface:
 - ``direct`` (baseline Direct-IF): no adaptation at all, ``phi = lam``;
 - ``implicit`` (iMAML): see :mod:`metaif_cli.influence.implicit`.
 
-Scores are ``s^T d_{w_e} grad_lam F`` for every unit ``e`` (SPEC section 3): for a task
+Scores are ``s^T d_{w_e} grad_lam F`` for every unit ``e`` (method §3): for a task
 ``(1/n) s^T D L_Q^k``, for a query instance ``(w_k/(n|Q|)) s^T D l_j``, for a support
 instance ``(w_k/n) d/du_j [s^T D L_Q^k]``: one forward-mode product per task gives the
 task and all its query scores, one reverse pass over ``u`` all its support scores.
@@ -206,7 +206,7 @@ class UnrolledProblem(Problem):
             return exact
 
         def gauss(th, vec, x_spt, y_spt, u, x_qry, y_qry, v, w):
-            # J^T (d2_phi L_Q) J vec: the no-third-order total Hessian (SPEC section 2)
+            # J^T (d2_phi L_Q) J vec: the no-third-order total Hessian (method §2)
             phi_fn = lambda t: self._phi(t, x_spt, y_spt, u)  # noqa: E731
             phi, jv = jvp(phi_fn, (th,), (vec,))
             qloss = lambda p: weighted_mean(  # noqa: E731

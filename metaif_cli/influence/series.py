@@ -1,4 +1,4 @@
-"""Series iHVP solvers (SPEC section 2): power iteration for the scale, the truncated Neumann
+"""Series iHVP solvers (method §2): power iteration for the scale, the truncated Neumann
 series and LiSSA, its stochastic version.
 
 - ``neumann``: ``x = (1/s) sum_{j<J} (I - A/s)^j b`` with ``s`` above the largest

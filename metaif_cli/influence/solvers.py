@@ -1,4 +1,4 @@
-"""Inverse-Hessian-vector products (iHVPs) over flat parameter vectors (SPEC section 2).
+"""Inverse-Hessian-vector products (iHVPs) over flat parameter vectors (method §2).
 
 Every solver returns an approximation of ``x = (H + delta I)^{-1} b`` given only a
 Hessian-vector-product callable ``hvp(v) = H v`` on flat 1-D tensors of size ``P``.

@@ -1,5 +1,5 @@
 """Trajectory influence: the exact first-order effect of every unit's weight on ``f(lam_T)``
-through the recorded training run (SPEC section 5; Hara et al. 2019, SGD-influence; Bae et al.
+through the recorded training run (method §5; Hara et al. 2019, SGD-influence; Bae et al.
 2024, SOURCE).
 
 Training is a chain ``z_{t+1} = Phi_t(z_t; w, u, v)`` of outer steps (state ``z = (lam, m, v)``:

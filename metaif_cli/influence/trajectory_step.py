@@ -1,5 +1,5 @@
-"""One recorded meta-training step as a pure function of the state and the weights (SPEC
-section 5, trajectory influence).
+"""One recorded meta-training step as a pure function of the state and the weights (method
+§5, trajectory influence).
 
 A step of ``metaif train`` maps ``(lam_t, m_t, v_t)`` and the weights ``w, u, v`` of the tasks
 in its meta-batch to ``(lam_{t+1}, m_{t+1}, v_{t+1})``:

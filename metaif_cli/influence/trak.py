@@ -1,4 +1,4 @@
-"""TRAK without the inner level, computed by traker (Park et al. 2023; SPEC section 4).
+"""TRAK without the inner level, computed by traker (Park et al. 2023; method §4).
 
 The paper's "TRAK" baseline: TRAK's datamodel scores for the meta-learner's network at
 ``lam`` (and, with ``trak.num_checkpoints > 1``, at saved training checkpoints, averaged

@@ -1,1 +1,1 @@
-"""The meta-learners as pure functions of ``(lam, task)``: MAML, ANIL, iMAML (SPEC section 1)."""
+"""The meta-learners as pure functions of ``(lam, task)``: MAML, ANIL, iMAML (method §1)."""

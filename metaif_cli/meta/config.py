@@ -1,4 +1,4 @@
-"""Typed configuration of the meta-learner and its inner level (SPEC section 1)."""
+"""Typed configuration of the meta-learner and its inner level (method §1)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ META = ("maml", "anil", "imaml")
 
 @dataclass
 class MetaConfig:
-    """The meta-learner and its inner level (SPEC section 1).
+    """The meta-learner and its inner level (method §1).
 
     ``inner_lr`` is the step ``alpha``; ``eta`` the proximal strength of iMAML;
     ``cg_iters`` the fixed number of conjugate-gradient steps iMAML's meta-gradient uses.
@@ -41,5 +41,5 @@ class MetaConfig:
 
     @property
     def mode(self) -> str:
-        """``implicit`` for iMAML, ``unrolled`` for MAML and ANIL (SPEC section 1)."""
+        """``implicit`` for iMAML, ``unrolled`` for MAML and ANIL (method §1)."""
         return "implicit" if self.name == "imaml" else "unrolled"

@@ -1,4 +1,4 @@
-"""iMAML: the proximal inner problem and implicit total gradients (SPEC sections 1-2).
+"""iMAML: the proximal inner problem and implicit total gradients (method §1-2).
 
 ``phi_k = argmin_phi (1/|S|) sum_j u_j l(phi; z_j) + (eta/2)||phi - lam||^2`` is solved
 approximately by gradient steps from ``lam`` and treated as a constant for autodiff.

@@ -1,7 +1,7 @@
 """MAML, first-order MAML, ANIL and iMAML as pure functions of ``(lam, task)``.
 
-One :meth:`MetaLearner.adapt` serves training, evaluation and influence (SPEC
-section 1). Unrolled mode (MAML, ANIL) takes ``K`` SGD steps on the weighted support
+One :meth:`MetaLearner.adapt` serves training, evaluation and influence (method
+§1). Unrolled mode (MAML, ANIL) takes ``K`` SGD steps on the weighted support
 loss ``(1/|S|) sum_j u_j l(phi; z_j)``; gradients flow through the steps
 (second-order) or are stopped (``first_order``). ANIL adapts ``head.*`` only, on body
 features computed once. Implicit mode (iMAML) solves the proximal problem
@@ -43,7 +43,7 @@ class MetaLearner:
 
     # ---- inner level ------------------------------------------------------------------
     def adapt(self, lam: Params, x_spt: Tensor, y_spt: Tensor, u: Tensor, steps: int | None = None) -> Params:
-        """``phi_k(lam; u)``: the task-adapted parameters (SPEC section 1).
+        """``phi_k(lam; u)``: the task-adapted parameters (method §1).
 
         First order stops the gradient with respect to ``lam`` only: ``phi = lam - sg(lam) +
         phi_hat(sg(lam); u)`` has the forward values of the second-order steps, ``d phi / d lam = I``
@@ -102,7 +102,7 @@ class MetaLearner:
         return (v * self.query_losses(lam, x_spt, y_spt, u, x_qry, y_qry, steps)).sum() / v.shape[0]
 
     def task_grad(self, lam: Params, x_spt, y_spt, u, x_qry, y_qry, v) -> tuple[Params, Tensor]:
-        """Total gradient ``D_lam L_Q^k`` and ``L_Q^k`` for one task (SPEC section 2)."""
+        """Total gradient ``D_lam L_Q^k`` and ``L_Q^k`` for one task (method §2)."""
         if self.cfg.mode == "implicit":
             return implicit.task_grad_fixed(self, lam, x_spt, y_spt, u, x_qry, y_qry, v, self.cfg.cg_iters)
         return grad_and_value(self.task_loss)(lam, x_spt, y_spt, u, x_qry, y_qry, v)

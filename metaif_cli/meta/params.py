@@ -1,6 +1,6 @@
 """Parameter dicts and flat vectors.
 
-Influence code works on flat vectors of all meta-parameters (SPEC section 2); the
+Influence code works on flat vectors of all meta-parameters (method §2); the
 meta-learners work on dicts. :class:`FlatSpec` converts between the two in a fixed
 order, also under ``vmap``.
 """

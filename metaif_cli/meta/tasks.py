@@ -1,4 +1,4 @@
-"""Task tensors: support/query images, labels and the weights of SPEC section 1.
+"""Task tensors: support/query images, labels and the weights of method §1.
 
 A :class:`TaskBatch` holds ``T`` tasks of equal shape. Weights ``w`` (task), ``u``
 (support instance) and ``v`` (query instance) are 1 by default; removing a unit sets

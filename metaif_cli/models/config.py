@@ -1,4 +1,4 @@
-"""Typed configuration of the network (SPEC section 1): ``mlp`` or ``cnn4`` and their norms, or
+"""Typed configuration of the network (method §1): ``mlp`` or ``cnn4`` and their norms, or
 ``custom``: the user's factory (:mod:`metaif_cli.models.custom`)."""
 
 from __future__ import annotations

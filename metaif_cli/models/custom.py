@@ -1,4 +1,4 @@
-"""Your own network as a metaif model (``model=custom``; SPEC section 1, "Known trap").
+"""Your own network as a metaif model (``model=custom``; method §1, "Known trap").
 
 ``model.factory="package.module:make_net"`` (or ``"path/to/file.py:make_net"``) is imported
 and called once with ``model.kwargs``; the ``nn.Module`` it returns becomes a
@@ -194,11 +194,6 @@ def check_layers(net: nn.Module) -> None:
             raise MetaifError(f"model=custom: {label} holds parameters ({', '.join(own)}) in a layer type metaif "
                               "has not checked under third-order autodiff; build it from nn.Linear/nn.Conv*/"
                               "norm layers")
-
-
-def state_key(key: str, head: str) -> str:
-    """The metaif name (``body.*``/``head.*``) of a key of the user network's state dict."""
-    return f"head.{key[len(head) + 1:]}" if key.startswith(head + ".") else f"body.{key}"
 
 
 def build_user_net(factory: str, kwargs: Mapping[str, Any], seed: int) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Networks as pure functions of a parameter dict (SPEC section 1, "Known trap").
+"""Networks as pure functions of a parameter dict (method §1, "Known trap").
 
 ``build_model`` returns an ``nn.Module`` whose parameters are named ``body.*`` (feature
 extractor) and ``head.*`` (linear classifier). The meta-learners never mutate it: they

@@ -1,4 +1,4 @@
-"""Batch and group norm written with primitive tensor ops (SPEC section 1, "Known trap").
+"""Batch and group norm written with primitive tensor ops (method §1, "Known trap").
 
 ``torch.nn.functional.batch_norm`` gives wrong third-order derivatives (and wrong
 meta-gradients under ``vmap``); these compute mean and variance explicitly, always from the

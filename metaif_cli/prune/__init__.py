@@ -1,4 +1,4 @@
-"""``metaif prune-and-retrain``: remove harmful data, retrain or edit, compare methods (SPEC sections 5-6).
+"""``metaif prune-and-retrain``: remove harmful data, retrain or edit, compare methods (method §5-6).
 
 One module per job: :mod:`~metaif_cli.prune.units` (units and zero weights),
 :mod:`~metaif_cli.prune.scores` (rankings per scoring method), :mod:`~metaif_cli.prune.select`

@@ -1,4 +1,4 @@
-"""``metaif prune-and-retrain run=<train run dir>``: remove harmful data and retrain (SPEC sections 5-6)."""
+"""``metaif prune-and-retrain run=<train run dir>``: remove harmful data and retrain (method §5-6)."""
 
 from __future__ import annotations
 

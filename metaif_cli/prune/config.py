@@ -1,4 +1,4 @@
-"""Typed configuration of ``metaif prune-and-retrain`` (SPEC sections 5-6; ``lds.*``: SPEC section 5, LDS)."""
+"""Typed configuration of ``metaif prune-and-retrain`` (method §5-6; ``lds.*``: method §5, LDS)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ LDS_VARY = ("batch_order", "init", "both")
 
 @dataclass
 class LdsConfig:
-    """``protocol=lds``: the linear datamodeling score (SPEC section 5; :mod:`metaif_cli.prune.lds`).
+    """``protocol=lds``: the linear datamodeling score (method §5; :mod:`metaif_cli.prune.lds`).
 
     ``num_subsets`` random subsets (M) each keep a ``fraction`` (alpha) of the units; each is
     retrained ``seeds`` times (R), varying the meta-batch order, the initialisation or both

@@ -1,5 +1,5 @@
-"""Run many independent retrainings: in this process, with joblib, or through submitit (SPEC
-sections 5-6: every removal and leave-one-out retraining).
+"""Run many independent retrainings: in this process, with joblib, or through submitit (method
+§5-6: every removal and leave-one-out retraining).
 
 A :class:`RetrainJob` is plain data (the run's saved config, a directory, pool weights,
 an optional warm start), so it pickles to a worker process or a cluster node.

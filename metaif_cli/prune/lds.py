@@ -1,4 +1,4 @@
-"""``protocol=lds``: the linear datamodeling score of every scoring method (SPEC section 5).
+"""``protocol=lds``: the linear datamodeling score of every scoring method (method §5).
 
 1. Subsets: ``lds.num_subsets`` (M) random subsets of the units of ``unit=task|support|query``,
    each keeping ``round(lds.fraction * N)`` of the ``N`` units, drawn from the prune ``seed``

@@ -1,4 +1,4 @@
-"""Predictions of the LDS protocol (SPEC section 5, LDS): each method's scores on the run, per subset.
+"""Predictions of the LDS protocol (method §5, LDS): each method's scores on the run, per subset.
 
 A method is scored once, on the original run (cached in ``selection/`` like every ranking,
 or read from ``scores=``); its prediction for a subset is ``f(lam*)`` plus the sum of its

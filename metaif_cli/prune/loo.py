@@ -1,4 +1,4 @@
-"""Leave-one-out retraining: the ground truth influence scores approximate (SPEC section 5, E4).
+"""Leave-one-out retraining: the ground truth influence scores approximate (method §5, E4).
 
 For a seeded sample of units (``num_units``, drawn with the prune ``seed``):
 

@@ -1,4 +1,4 @@
-"""``metaif prune-and-retrain`` as a library function (SPEC sections 5-6, E1-E4).
+"""``metaif prune-and-retrain`` as a library function (method §5-6, E1-E4).
 
 ``protocol=remove``: rank the units of one kind (``unit=task|support|query``) by every
 method, remove the most harmful fraction, update the model (retrain with zero weights,

@@ -1,5 +1,5 @@
-"""Checks ``metaif prune-and-retrain`` makes before any scoring, retraining or write (SPEC
-sections 5-6).
+"""Checks ``metaif prune-and-retrain`` makes before any scoring, retraining or write (method
+§5-6).
 
 Against the loaded run: ``scores=`` (read and checked in full), the number of units each
 fraction removes (at least one, never the whole pool), ``num_units`` and

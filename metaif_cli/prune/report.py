@@ -1,4 +1,4 @@
-"""Tables, plots and summaries of ``metaif prune-and-retrain`` (SPEC sections 5-6).
+"""Tables, plots and summaries of ``metaif prune-and-retrain`` (method §5-6).
 
 - ``prune_results.csv``: one row per (method, fraction) plus the unpruned baseline
   (method ``none``, fraction 0): ``method, unit, fraction, update, seed, test_acc,

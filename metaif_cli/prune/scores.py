@@ -1,8 +1,8 @@
 """Ranked units for each scoring method: computed here, read from a ``score`` directory, or cached.
 
 A :class:`Ranking` orders the units of one kind from most to least harmful (``rank`` 1 =
-most harmful, the convention of ``task_scores.csv``/``instance_scores.csv``, SPEC
-section 3). Scoring methods (``if``, ``random``, ``loss``, ``direct_if``, ``grad_sim``,
+most harmful, the convention of ``task_scores.csv``/``instance_scores.csv``, method
+§3). Scoring methods (``if``, ``random``, ``loss``, ``direct_if``, ``grad_sim``,
 ``tracin``, ``ekfac_if``, ``trak``) run through :func:`metaif_cli.score.methods.run_method` with the ``score`` settings
 of the prune config and the method overridden; the wall-clock time of that call is the
 method's ``selection_seconds``. Each ranking is cached in ``selection/<method>.csv`` with

@@ -1,4 +1,4 @@
-"""Seed-averaged retraining: the batch orders and initialisations of repeated retrainings (SPEC section 5).
+"""Seed-averaged retraining: the batch orders and initialisations of repeated retrainings (method §5).
 
 A retraining repeated ``R`` times varies the meta-batch order (``optim.batch_seed``), the
 initialisation (``model.init_seed``) or both (``vary=batch_order|init|both``), with the

@@ -1,4 +1,4 @@
-"""Which units to remove, per method and fraction (SPEC section 6, E1-E3).
+"""Which units to remove, per method and fraction (method §6, E1-E3).
 
 For a fraction ``f`` of ``n`` units, ``k = max(1, floor(f n + 1/2))`` units are removed:
 the first ``k`` of the method's :class:`~metaif_cli.prune.scores.Ranking` (``rank`` 1 =

@@ -1,5 +1,5 @@
-"""How much work ``metaif prune-and-retrain`` plans, estimated before any of it starts (SPEC
-sections 5-6: every removal, leave-one-out and LDS retraining).
+"""How much work ``metaif prune-and-retrain`` plans, estimated before any of it starts (method
+§5-6: every removal, leave-one-out and LDS retraining).
 
 :func:`count_retrainings` counts the retrainings a command plans; :func:`check_sizes`
 refuses, in one line, a plan whose retrainings cannot fit: their directories on the disk

@@ -1,4 +1,4 @@
-"""Units of a training pool and removal as zero weights (SPEC section 1).
+"""Units of a training pool and removal as zero weights (method §1).
 
 A unit is a whole task (``task:K``), a support instance (``support:K:J``) or a query
 instance (``query:K:J``) of the training pool; ``K`` is the ``task_id`` and ``J`` the

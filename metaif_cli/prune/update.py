@@ -2,12 +2,12 @@
 
 - ``retrain``: a :class:`~metaif_cli.prune.launch.RetrainJob` with the original run's
   config (seed, initialisation, batch order, budget) and the removed units' weights 0,
-  in ``retrains/<method>-<fraction>/`` so a rerun skips it (SPEC section 1).
-- ``edit`` (SPEC section 3, model editing): ``lam_edit = lam* + (H + delta I)^{-1}
+  in ``retrains/<method>-<fraction>/`` so a rerun skips it (method §1).
+- ``edit`` (method §3, model editing): ``lam_edit = lam* + (H + delta I)^{-1}
   sum_{e in R} d_{w_e} grad_lam F``, one iHVP for the whole removed set ``R`` with the
   ``score`` settings (method ``if``); for one unit this is ``pred_delta_lam`` of
   :func:`metaif_cli.score.methods.pred_delta_lam`.
-- ``grad_ascent`` (SPEC section 4): ``grad_ascent_steps`` steps of the run's optimiser
+- ``grad_ascent`` (method §4): ``grad_ascent_steps`` steps of the run's optimiser
   type with learning rate ``grad_ascent_lr``, ascending the removed units' share of the
   outer objective, ``D(lam) = F(lam; w, u, v) - F(lam; weights without R)`` (for tasks
   ``(1/n) sum_{k in R} L_Q^k``, for query instances their weighted losses, for support
@@ -46,7 +46,7 @@ def retrain_job(run: LoadedRun, units: list[Unit], run_dir: Path, init_lam: Para
 
 
 class IFEditor:
-    """Influence-based removal without retraining (SPEC section 3): one problem, one damping."""
+    """Influence-based removal without retraining (method §3): one problem, one damping."""
 
     def __init__(self, run: LoadedRun, cfg: ScoreConfig) -> None:
         self.run = run

@@ -1,4 +1,4 @@
-"""Agreement of influence predictions with leave-one-out retraining (SPEC section 5, E4).
+"""Agreement of influence predictions with leave-one-out retraining (method §5, E4).
 
 :func:`correlation_summary`: Pearson, Spearman and sign agreement of predicted vs actual
 ``delta_test_loss``; :func:`vector_agreement`: cosine and norm ratio of ``pred_delta_lam``
@@ -14,7 +14,7 @@ from scipy import stats
 
 
 def correlation_summary(pred: np.ndarray, actual: np.ndarray) -> dict[str, float]:
-    """Agreement of predicted and actual ``delta_test_loss`` (SPEC section 5).
+    """Agreement of predicted and actual ``delta_test_loss`` (method §5).
 
     Pairs where either value is non-finite are dropped.
 
@@ -55,7 +55,7 @@ def correlation_summary(pred: np.ndarray, actual: np.ndarray) -> dict[str, float
 def vector_agreement(
     pred_vecs: np.ndarray, actual_vecs: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine and norm ratio of ``pred_delta_lam`` vs actual ``delta_lam`` (SPEC section 5).
+    """Cosine and norm ratio of ``pred_delta_lam`` vs actual ``delta_lam`` (method §5).
 
     Args:
         pred_vecs: ``[m, P]`` predicted parameter changes, one row per unit.

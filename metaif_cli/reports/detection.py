@@ -1,9 +1,9 @@
-"""Detection of corrupted units from influence scores (SPEC section 6, E1-E3): detection
+"""Detection of corrupted units from influence scores (method §6, E1-E3): detection
 curves, ROC AUC, average precision and the fraction found after inspecting 10/20/40%.
 
 Pure numpy, no plotting (figures live in :mod:`metaif_cli.reports.score_plots`).
 
-Sign convention (SPEC section 3): a score is ``pred_delta_test_loss``, the predicted
+Sign convention (method §3): a score is ``pred_delta_test_loss``, the predicted
 change of the test loss if the unit is removed; negative = harmful, so the most harmful
 unit has the lowest score and is inspected first.
 """
@@ -150,7 +150,7 @@ def detection_summary(
 ) -> dict[str, float]:
     """ROC AUC, average precision and fraction found for one scoring method.
 
-    Harmfulness is ``-score`` (SPEC section 3: negative ``pred_delta_test_loss`` =
+    Harmfulness is ``-score`` (method §3: negative ``pred_delta_test_loss`` =
     harmful). ``found_at_{100 f}`` is the detection curve of :func:`detection_curve`
     read at fraction inspected ``f`` (linear interpolation between units when ``f * n``
     is not a whole number).

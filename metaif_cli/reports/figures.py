@@ -1,5 +1,5 @@
 """The matplotlib setup every figure module shares: the Agg backend (plots work without a
-display) and the axis label of the score sign convention (SPEC section 3).
+display) and the axis label of the score sign convention (method §3).
 """
 
 from __future__ import annotations

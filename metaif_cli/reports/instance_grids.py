@@ -1,5 +1,5 @@
-"""Grids of training images with captions: the most harmful and most helpful instances (SPEC
-section 6, E2).
+"""Grids of training images with captions: the most harmful and most helpful instances (method
+§6, E2).
 
 Every function draws one figure, writes it as a PNG atomically with
 :func:`metaif_cli.io.save_figure` and returns the path.

@@ -1,4 +1,4 @@
-"""Means with 95% intervals, for accuracies over tasks or seeds (SPEC section 6)."""
+"""Means with 95% intervals, for accuracies over tasks or seeds (method §6)."""
 
 from __future__ import annotations
 

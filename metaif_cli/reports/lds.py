@@ -1,4 +1,4 @@
-"""Statistics of the linear datamodeling score (SPEC section 5, LDS; Park et al. 2023, TRAK).
+"""Statistics of the linear datamodeling score (method §5, LDS; Park et al. 2023, TRAK).
 
 Pure functions of arrays, tested against direct computations on hand-made numbers:
 

@@ -1,4 +1,4 @@
-"""Did a training run learn? (SPEC section 1: N-way tasks, chance accuracy ``1/N``, chance loss ``ln N``;
+"""Did a training run learn? (method §1: N-way tasks, chance accuracy ``1/N``, chance loss ``ln N``;
 section 6: intervals over test tasks).
 
 A run "did not learn" when its meta-test accuracy lies within its 95% interval of chance, or its

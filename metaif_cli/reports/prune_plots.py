@@ -1,4 +1,4 @@
-"""Figures of ``metaif prune-and-retrain`` (SPEC sections 5 and 6): test accuracy against the
+"""Figures of ``metaif prune-and-retrain`` (method §5 and §6): test accuracy against the
 fraction removed, with 95% intervals (E1-E3), and predicted vs actual ``delta_test_loss`` (E4).
 
 Every function draws one figure, writes it as a PNG atomically with

@@ -1,4 +1,4 @@
-"""Figures of ``metaif score`` (SPEC sections 3 and 6): score histograms, clean vs corrupted
+"""Figures of ``metaif score`` (method §3 and §6): score histograms, clean vs corrupted
 (negative = harmful), and detection curves, fraction of corrupted units found vs fraction
 inspected (E3).
 

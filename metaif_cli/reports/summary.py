@@ -1,4 +1,4 @@
-"""The conclusion of ``metaif score`` in words (SPEC section 3: the sign convention; section 6: intervals).
+"""The conclusion of ``metaif score`` in words (method §3: the sign convention; section 6: intervals).
 
 Names the most harmful and most helpful tasks and, per role, instances, with their score and,
 for an ensemble, the 95% Student-t interval of the mean over its members; counts the units whose

@@ -1,4 +1,4 @@
-"""Meta-training curves of ``metaif train`` (SPEC section 1): training loss and validation
+"""Meta-training curves of ``metaif train`` (method §1): training loss and validation
 accuracy against the step, with chance level marked (``ln N`` and ``1/N`` for N-way tasks).
 """
 

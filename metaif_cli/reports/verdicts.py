@@ -1,4 +1,4 @@
-"""Verdicts of ``metaif prune-and-retrain`` in words (SPEC section 6: intervals over retrainings).
+"""Verdicts of ``metaif prune-and-retrain`` in words (method §6: intervals over retrainings).
 
 A method is compared with another (``random``, or keeping everything) by the paired differences
 of their meta-test accuracies over retrainings that share a batch order (retraining ``r`` of

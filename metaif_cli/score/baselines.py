@@ -1,4 +1,4 @@
-"""``method=ekfac_if`` and ``method=trak`` for a training run: the library baselines of SPEC section 4.
+"""``method=ekfac_if`` and ``method=trak`` for a training run: the library baselines of method §4.
 
 Rebuilds what the core functions need from a loaded run (network, ``lam``, the weighted
 training pool, the evaluation tasks, TRAK's checkpoints) and calls

@@ -1,4 +1,4 @@
-"""``metaif score run=<train run dir>``: task- and instance-influence scores (SPEC sections 2-4)."""
+"""``metaif score run=<train run dir>``: task- and instance-influence scores (method §2-4)."""
 
 from __future__ import annotations
 

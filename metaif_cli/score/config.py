@@ -1,4 +1,4 @@
-"""Typed configuration of ``metaif score`` (SPEC sections 2-4): the root config, shard and unit
+"""Typed configuration of ``metaif score`` (method §2-4): the root config, shard and unit
 references, and the settings that determine the scores.
 """
 
@@ -25,7 +25,7 @@ class EnsembleConfig:
 
     ``null`` (the default): ``method=if`` averages over the final point and up to
     ``DEFAULT_IF_CHECKPOINTS - 1`` = 4 saved checkpoints before it, as many as the run kept (the
-    setting chosen by the LDS benchmark, README "Fidelity"); every other method scores at the
+    setting chosen by the LDS benchmark, docs/results.md "Fidelity"); every other method scores at the
     final point alone.
     """
 

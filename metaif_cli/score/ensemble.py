@@ -1,4 +1,4 @@
-"""Ensembles of scores (issue 10; SPEC section 3): the mean of one method's scores over members.
+"""Ensembles of scores (issue 10; method §3): the mean of one method's scores over members.
 
 - ``ensemble.checkpoints=K``: the final parameters and the last ``K - 1`` intermediate
   checkpoints saved before them, each scored at its own ``lam`` (its own ``s``, damping and
@@ -32,7 +32,7 @@ from metaif_cli.score.run import LoadedRun, checkpoint_paths, checkpoint_step, l
 log = logging.getLogger(__name__)
 
 
-DEFAULT_IF_CHECKPOINTS = 5  # chosen by the LDS benchmark (scripts/bench_fidelity.py, README "Fidelity")
+DEFAULT_IF_CHECKPOINTS = 5  # chosen by the LDS benchmark (scripts/bench_fidelity.py, docs/results.md "Fidelity")
 
 
 def ensemble_checkpoints(cfg: ScoreConfig) -> tuple[int, bool]:

@@ -1,5 +1,5 @@
 """``ihvp.pt``: the vector ``s = (H + delta I)^{-1} D f`` of a scoring, stored once and reused
-(SPEC section 3: one ``s`` serves every training unit).
+(method §3: one ``s`` serves every training unit).
 
 The first ``metaif score`` process to solve writes ``s`` with the solve's report (iterations,
 residual, damping, Lanczos extremes), the settings that determine it and a fingerprint of

@@ -1,5 +1,5 @@
 """Method dispatch of ``metaif score``: build the bilevel problem of a loaded run and compute
-one method's scores or predicted parameter changes (SPEC sections 3-4).
+one method's scores or predicted parameter changes (method §3-4).
 
 ``if``, ``direct_if``, ``grad_sim``, ``tracin``, ``loss`` and ``random`` all go through
 :func:`run_method`; ``pred_delta_lam`` gives ``(H + delta I)^{-1} d_{w_e} grad F`` per unit.

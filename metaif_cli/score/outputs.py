@@ -1,4 +1,4 @@
-"""Tables, plots and the summary of ``metaif score`` (SPEC section 3: sign in the column name).
+"""Tables, plots and the summary of ``metaif score`` (method §3: sign in the column name).
 
 ``task_scores.csv``: ``task_id, <score column>[, <score column>_se], rank, method, corrupted``;
 ``instance_scores.csv``: ``instance_id, task_id, role, position, class, label,

@@ -1,4 +1,4 @@
-"""The ``metaif score`` pipeline: settings check, shards, torchrun, outputs (SPEC section 3).
+"""The ``metaif score`` pipeline: settings check, shards, torchrun, outputs (method §3).
 
 One process: score every task, write the outputs. ``shard=i/k``: score a contiguous
 slice of the tasks into ``shards/shard_i_of_k.pt``; when the last shard of ``k`` lands,

@@ -1,4 +1,4 @@
-"""Checks ``metaif score`` makes before any expensive work or write (SPEC section 3).
+"""Checks ``metaif score`` makes before any expensive work or write (method §3).
 
 Every reference a command line makes into the training pool is checked against the
 loaded run: the shard count against the number of training tasks (no empty shard),

@@ -1,5 +1,5 @@
 """Load a finished training run for scoring: ``model.pt``, the saved config, the pools, the
-checkpoints (SPEC section 3: scores are taken at the trained ``lam``).
+checkpoints (method §3: scores are taken at the trained ``lam``).
 
 Reads the run directory written by ``metaif train`` and rebuilds the experiment through
 :func:`metaif_cli.train.experiment.build_experiment`; never retrains.

@@ -1,6 +1,6 @@
 """``method=trajectory``: rebuild the recorded training run of a run directory (its batch order,
 optimiser, and the states saved in ``checkpoints/step_*.pt``) and score every unit by one reverse
-pass over it (SPEC section 5, trajectory influence; :mod:`metaif_cli.influence.trajectory`).
+pass over it (method §5, trajectory influence; :mod:`metaif_cli.influence.trajectory`).
 
 Runs trained before the checkpoints held the optimiser state are replayed from step 0 (the
 seeded initialisation) in segments of ``ceil(sqrt(steps))`` steps, which costs one more forward

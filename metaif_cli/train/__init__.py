@@ -1,3 +1,3 @@
 """The ``metaif train`` command package: config, experiment building, the training loop with
 resume, batched retraining of many runs as one stack of models, and the Hydra entry point
-(SPEC sections 1 and 5)."""
+(method §1 and §5)."""

@@ -1,7 +1,7 @@
-"""Batched retraining: K retrainings of one run trained together as a stack of models (SPEC sections 1 and 5).
+"""Batched retraining: K retrainings of one run trained together as a stack of models (method §1 and §5).
 
 A retraining of ``prune-and-retrain`` is the run's own training with some unit weights 0
-(SPEC section 5) and, for seed-averaged retraining, another meta-batch order
+(method §5) and, for seed-averaged retraining, another meta-batch order
 (``optim.batch_seed``) or initialisation (``model.init_seed``). K such retrainings
 (*members*) share everything else, so :func:`train_members` trains them in one pass:
 parameters get a leading model dimension, every step draws each member's own meta-batch

@@ -1,5 +1,5 @@
-"""``metaif train``: meta-train on a fixed, seeded task pool and write the run directory (SPEC
-section 1); the Hydra entry point of the ``train`` command package.
+"""``metaif train``: meta-train on a fixed, seeded task pool and write the run directory (method
+§1); the Hydra entry point of the ``train`` command package.
 
 Writes ``tasks.csv``, ``class_split.json``, ``train_config.json``, ``metrics.csv``,
 checkpoints (``checkpoint_last.pt``, ``checkpoints/step_*.pt``), ``model.pt``,

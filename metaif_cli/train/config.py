@@ -1,4 +1,4 @@
-"""Typed configuration of ``metaif train`` (SPEC section 1): the outer loop and the root config.
+"""Typed configuration of ``metaif train`` (method §1): the outer loop and the root config.
 
 Hydra composes ``conf/train/train.yaml`` on top of :class:`TrainConfig` (registered in the
 ConfigStore by the command layer), so a misspelt key or a wrong type fails at

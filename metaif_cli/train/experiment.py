@@ -1,5 +1,5 @@
-"""Build everything a run needs from a :class:`TrainConfig`: data, pools, model, learner (SPEC
-section 1).
+"""Build everything a run needs from a :class:`TrainConfig`: data, pools, model, learner (method
+§1).
 
 ``metaif train``, ``score`` and ``prune-and-retrain`` all rebuild a run through
 :func:`build_experiment`, so a checkpoint plus its saved config is enough to

@@ -1,5 +1,5 @@
-"""Read a finished training run (``model.pt``, ``results.json``) and refuse a diverged one (SPEC
-section 1: the run directory is the interface between commands; section 3: scores are taken at
+"""Read a finished training run (``model.pt``, ``results.json``) and refuse a diverged one (method
+§1: the run directory is the interface between commands; section 3: scores are taken at
 a finite trained ``lam``).
 """
 

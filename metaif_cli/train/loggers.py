@@ -1,4 +1,4 @@
-"""Where ``metaif train`` sends its per-step metrics (SPEC section 1): the ``logger`` config group.
+"""Where ``metaif train`` sends its per-step metrics (method §1): the ``logger`` config group.
 
 ``logger=csv`` (default) is what metaif always did: ``metrics.csv`` in the run
 directory, rewritten at every checkpoint. ``logger=tensorboard`` also writes event

@@ -1,4 +1,4 @@
-"""The meta-training loop: seeded meta-batches, checkpoints, resume (SPEC section 1).
+"""The meta-training loop: seeded meta-batches, checkpoints, resume (method §1).
 
 Minimises ``F(lam; w, u, v) = (1/n) sum_k w_k L_Q^k + (delta_reg/2)||lam||^2`` with
 meta-batches drawn from a seeded generator. The same function trains the original
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PoolWeights:
-    """Weights of the training pool: ``w [n]``, ``u [n,S]``, ``v [n,Q]`` (SPEC section 1)."""
+    """Weights of the training pool: ``w [n]``, ``u [n,S]``, ``v [n,Q]`` (method §1)."""
 
     w: torch.Tensor
     u: torch.Tensor

@@ -1,4 +1,4 @@
-"""Checks ``metaif train`` makes before it writes anything (SPEC section 1: a run directory holds
+"""Checks ``metaif train`` makes before it writes anything (method §1: a run directory holds
 one run).
 
 A run directory that already holds a run with other settings is refused before a single

@@ -1,7 +1,7 @@
-"""Stacks of models for batched retraining: parameters, optimiser state, evaluation (SPEC sections 1 and 5).
+"""Stacks of models for batched retraining: parameters, optimiser state, evaluation (method §1 and §5).
 
 K retrainings of one run differ only in their pool weights, batch order and initialisation
-(SPEC section 5: a removal is a weight of 0), so they can share one pass as a stack: every
+(method §5: a removal is a weight of 0), so they can share one pass as a stack: every
 parameter gets a leading model dimension ``[K, ...]``. This module holds the conversions
 between the stack and its members, so that each member's checkpoints are byte-compatible
 with the single-run loop (:mod:`metaif_cli.train.loop`):
