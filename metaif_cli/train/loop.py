@@ -192,7 +192,7 @@ def train(exp: Experiment, run_dir: Path, weights: PoolWeights | None = None, in
     n, s, q = len(pool), pool.spt_idx.shape[1], pool.qry_idx.shape[1]
     weights = weights or PoolWeights.ones(n, s, q)
     steps = steps or o.steps
-    results_path, last_path = run_dir / C.RESULTS_JSON, run_dir / C.CHECKPOINT_LAST
+    last_path = run_dir / C.CHECKPOINT_LAST
     prev_path = run_dir / C.CHECKPOINT_PREV
     setup = {"steps": steps, "init": init_digest(init_lam)}
     clean_stale_temporaries(run_dir)
