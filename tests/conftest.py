@@ -13,6 +13,9 @@ from metaif_cli.models.config import ModelConfig
 from metaif_cli.meta.tasks import TaskBatch
 from metaif_cli.models.networks import MetaModel, build_model
 
+# ``finished`` and ``run_copy``: a finished tiny digits run, for the modules that read or damage run directories
+pytest_plugins = ["run_fixtures"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # pytest runs on two workers (setup.cfg: -n 2): one thread each, for them and the commands

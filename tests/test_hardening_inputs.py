@@ -30,6 +30,7 @@ from metaif_cli.train.command import run_train, validation_accuracy
 from metaif_cli.train.config import TrainConfig
 from metaif_cli.train.preflight import comparable
 from test_train import _last_line, _run, _train_cfg, compose_config, typed_config
+from refusal_helpers import refused, snapshot
 
 ROOTS = {"train": TrainConfig, "score": ScoreConfig, "prune_and_retrain": PruneConfig}
 
@@ -46,28 +47,16 @@ def _score_cfg(run: Path | str, **kw) -> ScoreConfig:
     return ScoreConfig(run=str(run), progress=False, plots=False, **kw)
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _refused(fn, *args, fragment: str = "", **kw) -> str:
-    with pytest.raises(MetaifError) as exc:
-        fn(*args, **kw)
-    text = str(exc.value)
-    assert "\n" not in text and fragment in text, text
-    return text
-
-
 # ------------------------------------------------------------------ kind 1: a refused command writes before it checks
 
 
 def test_refused_command_writes_before_it_checks_train(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    before = _snapshot(run)
+    before = snapshot(run)
     called = []
-    _refused(run_train, _train_cfg("optim.steps=2", "seed=1"), run, lambda: called.append(1), fragment="seed")
-    assert _snapshot(run) == before and called == []  # tasks.csv, train_config.json, class_split.json untouched
+    refused(run_train, _train_cfg("optim.steps=2", "seed=1"), run, lambda: called.append(1), fragment="seed")
+    assert snapshot(run) == before and called == []  # tasks.csv, train_config.json, class_split.json untouched
 
 
 def test_refused_command_writes_before_it_checks_train_cli(trained, tmp_path):
@@ -75,11 +64,11 @@ def test_refused_command_writes_before_it_checks_train_cli(trained, tmp_path):
     run = tmp_path / "run"
     first = _run(["train", "debug=fast", "optim.steps=2", "progress=false", f"hydra.run.dir={run}"], tmp_path)
     assert first.returncode == 0, first.stderr
-    before = _snapshot(run)
+    before = snapshot(run)
     proc = _run(["train", "debug=fast", "optim.steps=2", "seed=1", f"hydra.run.dir={run}"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert _last_line(proc.stderr).startswith("metaif train: error:") and "seed" in _last_line(proc.stderr)
-    after = _snapshot(run)
+    after = snapshot(run)
     log = "train.log"
     assert {k: v for k, v in after.items() if k != log} == {k: v for k, v in before.items() if k != log}
 
@@ -94,12 +83,12 @@ def test_refused_command_writes_before_it_checks_train_resolved_paths(tmp_path, 
 
 def test_refused_command_writes_before_it_checks_score(trained, tmp_path):
     out = tmp_path / "scores"
-    _refused(score, _score_cfg(tmp_path / "missing", method="random"), out, fragment="does not exist")
+    refused(score, _score_cfg(tmp_path / "missing", method="random"), out, fragment="does not exist")
     assert not out.exists()  # no score_settings.json left behind to refuse the corrected command
     score(_score_cfg(trained, method="random"), out)
-    before = _snapshot(out)
-    _refused(score, _score_cfg(trained, method="random", seed=3), out, fragment="other settings (seed differ")
-    assert _snapshot(out) == before
+    before = snapshot(out)
+    refused(score, _score_cfg(trained, method="random", seed=3), out, fragment="other settings (seed differ")
+    assert snapshot(out) == before
 
 
 def test_score_refusal_names_every_differing_setting():
@@ -126,15 +115,15 @@ def test_refused_command_writes_before_it_checks_prune(trained, tmp_path):
     out = tmp_path / "prune"
     cfg = PruneConfig(run=str(trained), methods=["random"], fractions=[0.99], score=_score_cfg(trained),
                       progress=False)
-    _refused(prune_and_retrain, cfg, out, fragment="fractions")
+    refused(prune_and_retrain, cfg, out, fragment="fractions")
     assert not out.exists()
     other = tmp_path / "other"
     shutil.copytree(trained, other)
     out.mkdir()
     (out / C.PRUNE_CONFIG_JSON).write_text(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, run=str(other)))))
-    before = _snapshot(out)
-    _refused(prune_and_retrain, dataclasses.replace(cfg, fractions=[0.2]), out, fragment="run=")
-    assert _snapshot(out) == before
+    before = snapshot(out)
+    refused(prune_and_retrain, dataclasses.replace(cfg, fractions=[0.2]), out, fragment="run=")
+    assert snapshot(out) == before
 
 
 def test_refused_command_writes_before_it_checks_import(trained, tmp_path):
@@ -142,9 +131,9 @@ def test_refused_command_writes_before_it_checks_import(trained, tmp_path):
 
     cfg = ImportConfig(run_dir=str(trained), weights=str(tmp_path / "w.pt"))
     torch.save({}, tmp_path / "w.pt")
-    before = _snapshot(trained)
-    _refused(import_run, cfg, trained, lambda: pytest.fail("wrote before checking"), fragment="already holds")
-    assert _snapshot(trained) == before
+    before = snapshot(trained)
+    refused(import_run, cfg, trained, lambda: pytest.fail("wrote before checking"), fragment="already holds")
+    assert snapshot(trained) == before
 
 
 # ------------------------------------------------------------------ kind 4: NaN and infinity pass numeric checks
@@ -262,13 +251,13 @@ def test_integer_and_list_settings_unchecked_eval_inner_steps_zero_means_none():
 
 def test_integer_and_list_settings_unchecked_against_the_pool(trained, tmp_path):
     cfg = PruneConfig(run=str(trained), protocol="loo", num_units=21, score=_score_cfg(trained), progress=False)
-    _refused(prune_and_retrain, cfg, tmp_path / "p", fragment="num_units=21")
+    refused(prune_and_retrain, cfg, tmp_path / "p", fragment="num_units=21")
     cfg = PruneConfig(run=str(trained), methods=["retrain"], retrain_subset=30, score=_score_cfg(trained),
                       progress=False)
-    _refused(prune_and_retrain, cfg, tmp_path / "p", fragment="retrain_subset=30")
+    refused(prune_and_retrain, cfg, tmp_path / "p", fragment="retrain_subset=30")
     too_many = dataclasses.replace(_score_cfg(trained, method="random"),
                                    evaluation=dataclasses.replace(ScoreConfig().evaluation, num_tasks=11))
-    _refused(score, too_many, tmp_path / "s", fragment="evaluation.num_tasks=11")
+    refused(score, too_many, tmp_path / "s", fragment="evaluation.num_tasks=11")
     assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
 
 
@@ -276,7 +265,7 @@ def test_integer_and_list_settings_unchecked_against_the_pool(trained, tmp_path)
 
 
 def test_empty_slices_more_shards_than_tasks(trained, tmp_path):
-    _refused(score, _score_cfg(trained, method="random", unit="task", shard="0/21"), tmp_path / "s",
+    refused(score, _score_cfg(trained, method="random", unit="task", shard="0/21"), tmp_path / "s",
              fragment="21 shards for 20 training tasks")
     assert not (tmp_path / "s").exists()
 
@@ -291,7 +280,7 @@ def test_empty_slices_every_shard_nonempty(trained, tmp_path):
 def test_empty_slices_prune_fraction_removing_everything(trained, tmp_path):
     cfg = PruneConfig(run=str(trained), methods=["random"], fractions=[0.98], score=_score_cfg(trained),
                       progress=False)
-    _refused(prune_and_retrain, cfg, tmp_path / "p", fragment="would remove all 20")
+    refused(prune_and_retrain, cfg, tmp_path / "p", fragment="would remove all 20")
 
 
 # ------------------------------------------------------------------ kind 7: references checked late
@@ -304,7 +293,7 @@ def test_references_checked_late(trained, tmp_path, monkeypatch, ref, fragment):
         raise AssertionError("scoring started before the references were checked")
 
     monkeypatch.setattr("metaif_cli.score.pipeline.run_method", fail)
-    _refused(score, _score_cfg(trained, unit="task", pred_delta_lam=[ref]), tmp_path / "s", fragment=fragment)
+    refused(score, _score_cfg(trained, unit="task", pred_delta_lam=[ref]), tmp_path / "s", fragment=fragment)
     assert not (tmp_path / "s").exists()
 
 
@@ -313,16 +302,16 @@ def test_references_checked_late_tracin_without_checkpoints(trained, tmp_path, m
     shutil.copytree(trained, run)
     shutil.rmtree(run / C.CHECKPOINT_DIR)
     monkeypatch.setattr("metaif_cli.score.pipeline.run_method", lambda *a, **k: pytest.fail("scored"))
-    _refused(score, _score_cfg(run, method="tracin"), tmp_path / "s", fragment="optim.num_checkpoints")
+    refused(score, _score_cfg(run, method="tracin"), tmp_path / "s", fragment="optim.num_checkpoints")
     cfg = PruneConfig(run=str(run), methods=["random", "tracin"], score=_score_cfg(run), progress=False)
-    _refused(prune_and_retrain, cfg, tmp_path / "p", fragment="optim.num_checkpoints")
+    refused(prune_and_retrain, cfg, tmp_path / "p", fragment="optim.num_checkpoints")
 
 
 def test_references_checked_late_scores_dir(trained, tmp_path, monkeypatch):
     monkeypatch.setattr("metaif_cli.prune.pipeline.gather_rankings", lambda *a, **k: pytest.fail("ranked"))
     cfg = PruneConfig(run=str(trained), scores=str(tmp_path / "nothing"), methods=["if"], score=_score_cfg(trained),
                       progress=False)
-    _refused(prune_and_retrain, cfg, tmp_path / "p", fragment="score.json")
+    refused(prune_and_retrain, cfg, tmp_path / "p", fragment="score.json")
     assert not (tmp_path / "p").exists()
 
 
@@ -427,7 +416,7 @@ def test_refused_command_writes_before_it_checks_score_failed_computation(traine
         raise MetaifError("the solver did not converge; raise solver.max_iter")
 
     monkeypatch.setattr("metaif_cli.score.pipeline.run_method", fail)
-    _refused(score, _score_cfg(trained, method="random"), out, fragment="solver.max_iter")
+    refused(score, _score_cfg(trained, method="random"), out, fragment="solver.max_iter")
     assert not (out / C.SCORE_SETTINGS_JSON).exists()
     monkeypatch.undo()
     score(_score_cfg(trained, method="random", seed=3), out)  # corrected settings: accepted
@@ -448,5 +437,5 @@ def test_references_checked_late_library_baselines(trained, tmp_path, monkeypatc
         if isinstance(value, dict):
             value = dataclasses.replace(getattr(cfg, key), **value)
         cfg = dataclasses.replace(cfg, **{key: value})
-    _refused(score, cfg, tmp_path / "s", fragment=fragment)
+    refused(score, cfg, tmp_path / "s", fragment=fragment)
     assert not (tmp_path / "s").exists()

@@ -10,7 +10,6 @@ passed as ``scores=`` is detected.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,23 +28,9 @@ from metaif_cli.prune import scores as prune_scores
 from metaif_cli.score.outputs import score_column
 from metaif_cli.score.run import load_run, read_tasks_csv, tracin_checkpoints
 from test_train import _train_cfg
+from run_fixtures import STEPS
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["optim.steps=6", "optim.checkpoint_every=2", "optim.eval_every=3", "optim.num_checkpoints=2"]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("finished") / "run"
-    run_train(_train_cfg(*STEPS), run)
-    return run
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(finished, dst)
-    return dst
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:

@@ -29,7 +29,6 @@ import pytest
 from PIL import Image
 
 from metaif_cli import constants as C
-from metaif_cli.errors import MetaifError
 from metaif_cli.influence.config import HessianConfig
 from metaif_cli.ownership import LOCK_NAME, acquire, owned_dir, release
 from metaif_cli.prune.config import LdsConfig, PruneConfig
@@ -40,6 +39,7 @@ from metaif_cli.score.pipeline import score
 from metaif_cli.score.run import load_run
 from metaif_cli.train.command import run_train
 from test_train import _train_cfg
+from refusal_helpers import refused, snapshot
 
 STEPS = ["optim.steps=4", "optim.eval_every=4", "optim.checkpoint_every=2", "optim.num_checkpoints=1"]
 
@@ -64,24 +64,12 @@ def _score_cfg(run: Path | str, **kw) -> ScoreConfig:
     return ScoreConfig(run=str(run), progress=False, **kw)
 
 
-def _refused(fn, *args, fragment: str = "", **kw) -> str:
-    with pytest.raises(MetaifError) as exc:
-        fn(*args, **kw)
-    text = str(exc.value)
-    assert "\n" not in text and fragment in text, text
-    return text
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 # ------------------------------------------------------------------ kind 3: one owner, no mixed results
 
 
 def test_folder_held_by_a_command_is_refused_naming_the_holder_when_not_waiting(tmp_path):
     with owned_dir(tmp_path / "a" / "out", "score"):
-        text = _refused(acquire, tmp_path / "a" / "out", "score", wait=False, fragment="in use by metaif score (pid")
+        text = refused(acquire, tmp_path / "a" / "out", "score", wait=False, fragment="in use by metaif score (pid")
         assert "hydra.run.dir" in text
     assert not (tmp_path / "a").exists()  # created by the lock, empty: removed again, parents too
 
@@ -121,7 +109,7 @@ def test_second_command_on_a_folder_waits_until_the_first_is_done(tmp_path):
 def test_shards_share_a_folder_and_the_last_removes_the_lock(tmp_path):
     a = acquire(tmp_path, "score", shared=True, wait=False)
     b = acquire(tmp_path, "score", shared=True, wait=False)
-    _refused(acquire, tmp_path, "score", wait=False, fragment="in use")
+    refused(acquire, tmp_path, "score", wait=False, fragment="in use")
     release(tmp_path, a)
     assert (tmp_path / LOCK_NAME).exists()
     release(tmp_path, b)
@@ -137,7 +125,7 @@ def test_overwrite_removes_every_artefact_of_the_old_result(run_copy, tmp_path):
     assert C.INSTANCE_SCORES_CSV not in left and C.INSTANCE_GRID_PNG not in left, left
     assert not any("instance" in name or name.endswith(".png") for name in left), left
     run = load_run(run_copy, "cpu")
-    _refused(read_scores_dir, out, run, "support", fragment="no instance table")
+    refused(read_scores_dir, out, run, "support", fragment="no instance table")
 
 
 def test_prune_scores_of_another_version_of_the_run_are_refused(run_copy, tmp_path):
@@ -146,7 +134,7 @@ def test_prune_scores_of_another_version_of_the_run_are_refused(run_copy, tmp_pa
     assert len(read_scores_dir(out, load_run(run_copy, "cpu"), "task").table) > 0
     shutil.rmtree(run_copy)
     run_train(_train_cfg(*STEPS, "seed=3"), run_copy)  # another run at the same path
-    _refused(read_scores_dir, out, load_run(run_copy, "cpu"), "task", fragment="another version of")
+    refused(read_scores_dir, out, load_run(run_copy, "cpu"), "task", fragment="another version of")
 
 
 def test_prune_scores_table_not_recorded_in_score_json_is_refused(run_copy, tmp_path):
@@ -155,23 +143,23 @@ def test_prune_scores_table_not_recorded_in_score_json_is_refused(run_copy, tmp_
     run = load_run(run_copy, "cpu")
     table = out / C.TASK_SCORES_CSV
     table.write_text(table.read_text().replace("False", "True"))  # the same shape, other content
-    _refused(read_scores_dir, out, run, "task", fragment="not the table score.json recorded")
+    refused(read_scores_dir, out, run, "task", fragment="not the table score.json recorded")
 
 
 def test_score_into_the_training_run_folder_is_refused_and_keeps_its_files(run_copy):
-    before = _snapshot(run_copy)
-    _refused(score, _score_cfg(run_copy), run_copy, fragment="is the training run itself")
-    assert _snapshot(run_copy) == before
+    before = snapshot(run_copy)
+    refused(score, _score_cfg(run_copy), run_copy, fragment="is the training run itself")
+    assert snapshot(run_copy) == before
 
 
 def test_commands_refuse_a_folder_holding_another_commands_output(run_copy, tmp_path):
     out = tmp_path / "scores"
     score(_score_cfg(run_copy, unit="task", method="loss"), out)
-    _refused(run_train, _train_cfg(*STEPS), out, fragment="holds the output of metaif score")
+    refused(run_train, _train_cfg(*STEPS), out, fragment="holds the output of metaif score")
     cfg = PruneConfig(run=str(run_copy), progress=False, methods=["random"], fractions=[0.2], update="edit",
                       score=_score_cfg(run_copy))
-    _refused(prune_and_retrain, cfg, out, fragment="holds the output of metaif score")
-    _refused(score, _score_cfg(tmp_path / "other-run"), run_copy.parent / "nowhere", fragment="does not exist")
+    refused(prune_and_retrain, cfg, out, fragment="holds the output of metaif score")
+    refused(score, _score_cfg(tmp_path / "other-run"), run_copy.parent / "nowhere", fragment="does not exist")
     assert not (run_copy.parent / "nowhere").exists()  # a refused command leaves no folder behind
 
 
@@ -182,7 +170,7 @@ def test_truncated_tasks_csv_is_refused_before_any_computation(run_copy, tmp_pat
     path = run_copy / C.TASKS_CSV
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) * 2 // 3])
     out = tmp_path / "scores"
-    _refused(score, _score_cfg(run_copy), out, fragment=str(path))
+    refused(score, _score_cfg(run_copy), out, fragment=str(path))
     assert not out.exists()
 
 
@@ -191,12 +179,12 @@ def test_prune_rerun_with_other_score_settings_is_refused_before_anything_is_rep
     cfg = PruneConfig(run=str(run_copy), progress=False, methods=["loss"], fractions=[0.2],
                       score=_score_cfg(run_copy))
     prune_and_retrain(cfg, out)
-    before = _snapshot(out)
+    before = snapshot(out)
     other = dataclasses.replace(cfg, score=_score_cfg(run_copy, evaluation=dataclasses.replace(
         cfg.score.evaluation, kind="margin")))
-    text = _refused(prune_and_retrain, other, out, fragment="score.evaluation.kind")
+    text = refused(prune_and_retrain, other, out, fragment="score.evaluation.kind")
     assert "other settings" in text
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     prune_and_retrain(dataclasses.replace(cfg, fractions=[0.2, 0.4]), out)  # what does not change the rankings may
 
 
@@ -204,7 +192,7 @@ def test_prune_rerun_with_other_score_settings_is_refused_before_anything_is_rep
 
 
 def test_task_pool_too_large_for_memory_is_refused_before_building(tmp_path):
-    text = _refused(run_train, _train_cfg(*STEPS, "dataset.num_train_tasks=1000000000"), tmp_path / "r",
+    text = refused(run_train, _train_cfg(*STEPS, "dataset.num_train_tasks=1000000000"), tmp_path / "r",
                     fragment="of memory")
     assert "dataset.num_train_tasks" in text
     assert not (tmp_path / "r").exists()
@@ -213,7 +201,7 @@ def test_task_pool_too_large_for_memory_is_refused_before_building(tmp_path):
 def test_retraining_plan_that_cannot_fit_is_refused_before_any_work(run_copy, tmp_path):
     cfg = PruneConfig(run=str(run_copy), progress=False, protocol="lds", methods=["loss"],
                       lds=LdsConfig(num_subsets=1_000_000, seeds=1000), score=_score_cfg(run_copy))
-    text = _refused(prune_and_retrain, cfg, tmp_path / "p", fragment="1000001000 retrainings")
+    text = refused(prune_and_retrain, cfg, tmp_path / "p", fragment="1000001000 retrainings")
     assert "lds.num_subsets" in text
     assert not (tmp_path / "p").exists()
 
@@ -286,10 +274,10 @@ def test_run_on_changed_data_is_refused_when_scored_or_resumed_naming_the_fix(tm
     assert (run / C.DATA_FINGERPRINT_JSON).exists()
     load_run(run, "cpu")  # unchanged data: accepted
     _rewrite_same_size(root, 60)
-    text = _refused(load_run, run, "cpu", fragment="differ from those")
+    text = refused(load_run, run, "cpu", fragment="differ from those")
     assert "point data.root=" in text and C.DATA_FINGERPRINT_JSON in text
-    _refused(score, _score_cfg(run), tmp_path / "scores", fragment="point data.root=")
-    text = _refused(run_train, cfg, run, fragment="differ from those")
+    refused(score, _score_cfg(run), tmp_path / "scores", fragment="point data.root=")
+    text = refused(run_train, cfg, run, fragment="differ from those")
     assert "restore the data" in text
 
 
@@ -301,7 +289,7 @@ def test_copied_run_is_pointed_at_local_data_with_data_root(tmp_path):
     run_train(_omniglot_cfg(root, cache), run)
     local = tmp_path / "local-copy"
     shutil.move(root, local)
-    _refused(load_run, run, "cpu", fragment="data.root=")
+    refused(load_run, run, "cpu", fragment="data.root=")
     loaded = load_run(run, "cpu", data=RunDataConfig(root=str(local)))
     assert loaded.train_cfg.data.root == str(local)
     cfg = typed_config("score", [f"run={run}", f"data.root={local}", "unit=task", "method=loss", "progress=false",
@@ -375,7 +363,7 @@ def test_api_load_scores_refuses_a_table_left_by_an_earlier_scoring(run_copy, tm
     score(_score_cfg(run_copy, unit="task", method="loss"), out)
     assert load_scores(out).task_scores is not None
     (out / C.INSTANCE_SCORES_CSV).write_text("task_id,rank,corrupted\n0,1,False\n")
-    _refused(load_scores, out, fragment="not part of the result")
+    refused(load_scores, out, fragment="not part of the result")
 
 
 def test_prune_folder_of_an_earlier_version_of_the_run_is_refused(run_copy, tmp_path):
@@ -385,7 +373,7 @@ def test_prune_folder_of_an_earlier_version_of_the_run_is_refused(run_copy, tmp_
     out = tmp_path / "prune"
     cfg = PruneConfig(run=str(run_copy), progress=False, score=_score_cfg(run_copy))
     save_json({**dataclasses.asdict(cfg), "run_fingerprint": "0" * 64}, out / C.PRUNE_CONFIG_JSON)
-    _refused(check_out_dir, out, cfg, load_run(run_copy, "cpu").fingerprint, fragment="earlier version of run=")
+    refused(check_out_dir, out, cfg, load_run(run_copy, "cpu").fingerprint, fragment="earlier version of run=")
 
 
 def test_shards_of_another_version_of_the_run_are_not_merged(run_copy, tmp_path):
@@ -396,14 +384,14 @@ def test_shards_of_another_version_of_the_run_are_not_merged(run_copy, tmp_path)
     score(dataclasses.replace(cfg, shard="0/2"), out)
     score(dataclasses.replace(cfg, shard="1/2"), out)
     assert _merge_shards(out, 2, dataclasses.replace(cfg, shard="1/2"), load_run(run_copy, "cpu").fingerprint)
-    _refused(_merge_shards, out, 2, dataclasses.replace(cfg, shard="1/2"), "f" * 64, fragment="another version")
+    refused(_merge_shards, out, 2, dataclasses.replace(cfg, shard="1/2"), "f" * 64, fragment="another version")
 
 
 def test_damaged_checkpoint_is_refused_before_any_scoring(run_copy, tmp_path):
     ckpt = sorted((run_copy / C.CHECKPOINT_DIR).glob("step_*.pt"))[0]
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     out = tmp_path / "scores"
-    _refused(score, _score_cfg(run_copy, method="tracin", unit="task"), out, fragment=str(ckpt))
+    refused(score, _score_cfg(run_copy, method="tracin", unit="task"), out, fragment=str(ckpt))
     assert not out.exists()
 
 
@@ -418,7 +406,7 @@ def test_trak_projection_too_large_for_memory_is_refused(run_copy, tmp_path):
     from metaif_cli.influence.baseline_config import TrakConfig
 
     cfg = _score_cfg(run_copy, method="trak", unit="task", trak=TrakConfig(proj_dim=10**12))
-    _refused(score, cfg, tmp_path / "scores", fragment="lower trak.proj_dim")
+    refused(score, cfg, tmp_path / "scores", fragment="lower trak.proj_dim")
 
 
 def test_home_in_an_override_value_is_expanded_before_hydra_reads_it(monkeypatch, tmp_path):

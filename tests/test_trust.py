@@ -29,9 +29,9 @@ from metaif_cli.errors import MetaifError
 from metaif_cli.models.custom import trusted_factory
 from metaif_cli.train.command import run_train
 from test_train import _train_cfg
+from run_fixtures import STEPS
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["optim.steps=6", "optim.checkpoint_every=2", "optim.eval_every=3", "optim.num_checkpoints=2"]
 TINY_CLI = ["debug=fast", "device=cpu", "progress=false", "model.hidden=8", "meta.inner_steps=1", "dataset.queries=4"]
 FAST_SCORE = ["progress=false", "plots=false", "hessian.num_tasks=4", "evaluation.num_tasks=4"]
 
@@ -51,20 +51,6 @@ def assert_one_line(proc: subprocess.CompletedProcess, *needles: str, code: int 
     for needle in needles:
         assert needle in line, line
     return line
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("trust") / "run"
-    run_train(_train_cfg(*STEPS), run)
-    return run
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(finished, dst)
-    return dst
 
 
 # ------------------------------------------------------------------ kind 1: a run directory never runs code
