@@ -173,24 +173,17 @@ class UnrolledProblem(Problem):
     def _task_loss(self, theta, x_spt, y_spt, u, x_qry, y_qry, v, kind="mean_loss") -> Tensor:
         return weighted_mean(self._values(theta, x_spt, y_spt, u, x_qry, y_qry, kind), v)
 
+    def _eval_value_and_grad(self, th, x_spt, y_spt, u, x_qry, y_qry, v):
+        """``(f_t, D f_t)`` of one test task, the evaluation kind of this problem."""
+        g, value = torch.func.grad_and_value(self._task_loss)(th, x_spt, y_spt, u, x_qry, y_qry, v, self.eval_kind)
+        return value, g
+
     def eval_grad(self, theta):
-        kind = self.eval_kind
-
-        def one(th, x_spt, y_spt, u, x_qry, y_qry, v):
-            g, value = torch.func.grad_and_value(self._task_loss)(th, x_spt, y_spt, u, x_qry, y_qry, v, kind)
-            return value, g
-
-        values, grads = self.map_tasks(one, self.test, theta)
+        values, grads = self.map_tasks(self._eval_value_and_grad, self.test, theta)
         return values, grads
 
     def eval_mean_grad(self, theta):
-        kind = self.eval_kind
-
-        def one(th, x_spt, y_spt, u, x_qry, y_qry, v):
-            g, value = torch.func.grad_and_value(self._task_loss)(th, x_spt, y_spt, u, x_qry, y_qry, v, kind)
-            return value, g
-
-        value, g = self.sum_tasks(one, self.test, theta)
+        value, g = self.sum_tasks(self._eval_value_and_grad, self.test, theta)
         return value / len(self.test), g / len(self.test)
 
     def _task_hvp(self, form: str) -> Callable:
